@@ -1,0 +1,8 @@
+//! # analysis — the paper's convergence claims, checked numerically
+//!
+//! - [`trace`]: run one optimizer on a small quadratic in f64 and write its trajectory; the
+//!   reference trajectories of `tests/data/reference-traces` are reproduced by a test.
+//! - [`io`]: atomic file output shared by the workspace's commands.
+
+pub mod io;
+pub mod trace;

@@ -1,0 +1,39 @@
+//! Every reference trajectory in tests/data/reference-traces is reproduced by `trace`, through
+//! the command line as a user runs it, to |ours − ref| ≤ 1e-9 + 1e-8·|ref| on every cell.
+
+use std::path::{Path, PathBuf};
+
+use analysis::trace::{compare, Trace};
+
+fn reference_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/reference-traces")
+}
+
+#[test]
+fn every_reference_trace_is_reproduced() {
+    let dir = reference_dir();
+    let mut specs: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    specs.sort();
+    assert!(specs.len() >= 11, "expected the 11 reference specs, found {}", specs.len());
+    let out_dir = tempfile::tempdir().unwrap();
+    let mut report = Vec::new();
+    for spec in &specs {
+        let name = spec.file_stem().unwrap().to_string_lossy().to_string();
+        let out = out_dir.path().join(format!("{name}.csv"));
+        let status = std::process::Command::new(env!("CARGO_BIN_EXE_analysis"))
+            .args(["trace", spec.to_str().unwrap(), "--out", out.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(status.status.success(), "{name}: {}", String::from_utf8_lossy(&status.stderr));
+        let ours = Trace::from_csv(&std::fs::read_to_string(&out).unwrap()).unwrap();
+        let reference = Trace::from_csv(&std::fs::read_to_string(spec.with_extension("csv")).unwrap()).unwrap();
+        let (ratio, row, col) = compare(&ours, &reference, 1e-9, 1e-8).unwrap();
+        report.push(format!("{name}: worst |err|/tol = {ratio:.3e} (row {row}, {col})"));
+        assert!(ratio <= 1.0, "{name} deviates at row {row}, column {col}: {ratio} × tolerance");
+    }
+    eprintln!("{}", report.join("\n"));
+}

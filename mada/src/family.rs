@@ -1,0 +1,672 @@
+//! The MADA parameterized optimizer: update rule, closed-form one-step hyper-gradients and the
+//! fused kernels that compute them.
+//!
+//! # The update (digest §3.2, verified against the official `gdtuo.Meta`)
+//!
+//! Per element, at update t = 1, 2, … of a tensor, with gradient g_t, coefficients
+//! q_t = (β1, β2, β3, ρ, c, γ) and learning rate η_t:
+//!
+//! ```text
+//! d_t  = g_t − g_{t−1}                    ĝ_t = g_t + β3·d_t          s_t = sign(ĝ_t² − v_{t−1})
+//! g̃²_t = c·ĝ_t² + (1−c)·(v_{t−1} + ĝ_t²·s_t)                          (c = 0: Yogi's increment)
+//! m_t  = β1·m_{t−1} + (1−β1)·g_t          v_t = β2·v_{t−1} + (1−β2)·g̃²_t
+//! n_t  = β3·n_{t−1} + (1−β3)·d_t          v̄_t = (v_t + (t−1)·v̄_{t−1}) / t   (AVGrad's mean)
+//! Lion: OfficialCode  mL_t = βL2·mL_{t−1} + (1−βL2)·g_t,  cL_t = βL1·mL_t + (1−βL1)·g_t
+//!       Textbook      cL_t = βL1·mL_{t−1} + (1−βL1)·g_t,  mL_t = βL2·mL_{t−1} + (1−βL2)·g_t
+//! m̂_t  = m_t / (1−β1^t)                   v̂_t = (ρ·v_t + (1−ρ)·v̄_t) / (1−β2^t)
+//! u_t  = γ·(m̂_t + β3·n_t)/(√v̂_t + ε) + (1−γ)·sign(cL_t)
+//! x_t  = x_{t−1} − η_t·u_t
+//! ```
+//!
+//! Conventions, all the official code's (and all stated here because each changes numbers):
+//! - **Bias correction** divides m by 1−β1^t and the *mixed* second moment (the AVGrad mean
+//!   included) by 1−β2^t, with the *current* β's; β3·n_t and the Lion direction are not
+//!   corrected.
+//! - **ε is added outside the square root.** Default ε = 1e-6 (`train_ddp.py`); the
+//!   Shakespeare grid used 1e-8.
+//! - **Initial accumulators**: m_0 = 0, v_0 = v̄_0 = 1e-15 (so v̂ > 0 and a zero gradient gives
+//!   a finite step), g_0 = 0 (so d_1 = g_1), mL_0 = 0, and n_0 = g_1⊙g_1 under
+//!   [`Semantics::OfficialCode`] (a quirk of the official code, digest §12.7) or n_0 = 0 under
+//!   [`Semantics::Textbook`].
+//! - **Lion constants** βL1 = 0.95, βL2 = 0.98, fixed; Lion shares η_t and has no weight decay.
+//! - **sign(0) = 0** (`torch.sign`).
+//! - Weight decay is not part of u_t (see [`crate::clip::decoupled_weight_decay`]).
+//! - The step counter t is per tensor (every tensor is updated at every step in practice, so it
+//!   equals the official global counter).
+//!
+//! # The hyper-gradient (digest §5.1–5.2)
+//!
+//! After update t, the hyper-gradient of the next loss f(x_t; ξ) with respect to q_t, through
+//! that one update only (all states from t−1, g_t and η_t held constant, and — the official
+//! code's stop-gradient — v̄_t held constant inside v̂_t), is
+//! h_t[q] = −η_t · Σ_i ∇f(x_t)_i · ∂u_{t,i}/∂q, with B1 = 1−β1^t, B2 = 1−β2^t,
+//! N = m̂_t + β3·n_t, S = √v̂_t, D = S + ε, A = N/D, K = −N/(2·S·D²):
+//!
+//! ```text
+//! ∂u/∂γ  = A − sign(cL_t)
+//! ∂u/∂β1 = γ·[(m_{t−1} − g_t)/B1 + m_t·t·β1^{t−1}/B1²] / D
+//! ∂u/∂β2 = γ·K·[ρ·(v_{t−1} − g̃²_t)/B2 + (ρ·v_t + (1−ρ)·v̄_t)·t·β2^{t−1}/B2²]
+//! ∂u/∂β3 = γ·[(n_t + β3·(n_{t−1} − d_t))/D + K·ρ·(1−β2)·2·ĝ_t·d_t·(c + (1−c)·s_t)/B2]
+//! ∂u/∂ρ  = γ·K·(v_t − v̄_t)/B2
+//! ∂u/∂c  = γ·K·ρ·(1−β2)·(ĝ_t² − v_{t−1} − ĝ_t²·s_t)/B2
+//! ```
+//!
+//! # What is stored, and why
+//!
+//! The hyper-gradient needs ∇f(x_t), which exists only at the next step, while that step's
+//! update needs the hyper-step first; so a step makes two passes: the hyper-gradient pass
+//! (reads the new gradient and the state) and the update pass. Instead of storing six partial
+//! derivatives per element, the partials are recomputed from the moments: m_{t−1} − g_t =
+//! (m_t − g_t)/β1 and n_t + β3(n_{t−1} − d_t) = 2n_t − d_t are exact identities of the
+//! recursions, so beyond the six recursion buffers (m, v, v̄, n, g_{t−1}, mL) only d_t, v_{t−1}
+//! and the byte sign(cL_t) are kept — and only while some coefficient is learned or
+//! monitored. Per parameter that is 24 bytes (f32, frozen) or 33 bytes (learning), against
+//! Adam's 8.
+
+use serde::{Deserialize, Serialize};
+
+use crate::coefficients::{Coef, CoefficientBox, Coefficients};
+use crate::error::check_range;
+use crate::float::{sign, sign_i8, Float};
+use crate::hyper::{HyperConfig, HyperOptimizer, HyperStep};
+use crate::optimizer::{debias, Optimizer, TensorState, TensorStates};
+use crate::par;
+use crate::OptimError;
+
+/// Which of the two readings of the family to compute.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Semantics {
+    /// What the official code computes and what produced the paper's numbers: n_0 = g_1⊙g_1,
+    /// and the Lion direction taken from the *updated* Lion momentum
+    /// (cL_t = βL1·βL2·mL_{t−1} + (1 − βL1·βL2)·g_t).
+    #[default]
+    OfficialCode,
+    /// The textbook reading: n_0 = 0, and Lion's c_t = βL1·mL_{t−1} + (1−βL1)·g_t interpolating
+    /// with the *previous* momentum before mL is updated.
+    Textbook,
+}
+
+/// Fixed settings of the MADA update (everything except the learned coefficients).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MadaConfig {
+    /// ε, added outside the square root.
+    pub eps: f64,
+    /// Official-code or textbook reading.
+    pub semantics: Semantics,
+    /// Lion's interpolation constant βL1 (official: 0.95).
+    pub lion_beta1: f64,
+    /// Lion's momentum decay βL2 (official: 0.98).
+    pub lion_beta2: f64,
+    /// v_0 = v̄_0 (official: 1e-15).
+    pub initial_v: f64,
+    /// The box the coefficients are projected onto.
+    pub bounds: CoefficientBox,
+}
+
+impl Default for MadaConfig {
+    fn default() -> Self {
+        Self {
+            eps: 1e-6,
+            semantics: Semantics::OfficialCode,
+            lion_beta1: 0.95,
+            lion_beta2: 0.98,
+            initial_v: 1e-15,
+            bounds: CoefficientBox::OFFICIAL,
+        }
+    }
+}
+
+impl MadaConfig {
+    /// The official settings with another ε.
+    pub fn with_eps(eps: f64) -> Self {
+        Self { eps, ..Self::default() }
+    }
+
+    fn validate(&self) -> Result<(), OptimError> {
+        check_range("eps", self.eps, 0.0, 1.0)?;
+        check_range("lion_beta1", self.lion_beta1, 0.0, 1.0)?;
+        check_range("lion_beta2", self.lion_beta2, 0.0, 1.0)?;
+        check_range("initial_v", self.initial_v, 0.0, f64::MAX)?;
+        for (i, c) in Coef::ALL.into_iter().enumerate() {
+            let (lo, hi) = (self.bounds.lo[i], self.bounds.hi[i]);
+            if !(lo.is_finite() && hi.is_finite() && lo <= hi) {
+                return Err(OptimError::Unsupported(format!("empty or non-finite box for {c}: [{lo}, {hi}]")));
+            }
+        }
+        // β1 and β2 must stay away from 0 (the partials divide by β1) and below 1 (bias
+        // correction divides by 1 − β^t).
+        if self.bounds.lo[0] <= 0.0 || self.bounds.hi[0] >= 1.0 || self.bounds.lo[1] <= 0.0 || self.bounds.hi[1] >= 1.0 {
+            return Err(OptimError::Unsupported("the box must keep beta1 and beta2 inside (0, 1)".into()));
+        }
+        if self.bounds.hi[2] >= 1.0 {
+            return Err(OptimError::Unsupported("the box must keep beta3 below 1".into()));
+        }
+        Ok(())
+    }
+}
+
+/// The state of one tensor. Field names follow the update formulas of the module docs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(bound(serialize = "T: Float", deserialize = "T: Float"))]
+pub struct MadaTensorState<T> {
+    /// Updates of this tensor so far (t).
+    pub t: u64,
+    /// m_t: first moment.
+    pub m: Vec<T>,
+    /// v_t: second moment (EMA of g̃²).
+    pub v: Vec<T>,
+    /// v̄_t: arithmetic mean of v_1..v_t (AVGrad).
+    pub v_mean: Vec<T>,
+    /// n_t: EMA of gradient differences (Adan-like).
+    pub n: Vec<T>,
+    /// g_t, the last gradient (becomes g_{t−1} at the next update).
+    pub g_prev: Vec<T>,
+    /// mL_t: Lion momentum.
+    pub lion_m: Vec<T>,
+    /// d_t of the last update (hyper-gradient only; empty when not tracked).
+    pub d_prev: Vec<T>,
+    /// v_{t−1} of the last update (hyper-gradient only; empty when not tracked).
+    pub v_prev: Vec<T>,
+    /// sign(cL_t) of the last update (hyper-gradient only; empty when not tracked).
+    pub lion_sign: Vec<i8>,
+    /// Coefficients used by the last update (q_t).
+    pub last_coefficients: Coefficients,
+    /// Learning rate of the last update (η_t).
+    pub last_lr: f64,
+}
+
+impl<T> TensorState for MadaTensorState<T> {
+    fn len(&self) -> usize {
+        self.m.len()
+    }
+}
+
+impl<T: Float> MadaTensorState<T> {
+    fn new(grad: &[T], config: &MadaConfig, track: bool) -> Self {
+        let len = grad.len();
+        let v0 = T::of(config.initial_v);
+        let n = match config.semantics {
+            Semantics::OfficialCode => grad.iter().map(|&g| g * g).collect(),
+            Semantics::Textbook => vec![T::zero(); len],
+        };
+        let tracked = |x: T| if track { vec![x; len] } else { Vec::new() };
+        Self {
+            t: 0,
+            m: vec![T::zero(); len],
+            v: vec![v0; len],
+            v_mean: vec![v0; len],
+            n,
+            g_prev: vec![T::zero(); len],
+            lion_m: vec![T::zero(); len],
+            d_prev: tracked(T::zero()),
+            v_prev: tracked(T::zero()),
+            lion_sign: if track { vec![0; len] } else { Vec::new() },
+            last_coefficients: Coefficients::default(),
+            last_lr: 0.0,
+        }
+    }
+
+    fn tracks(&self) -> bool {
+        self.lion_sign.len() == self.m.len()
+    }
+}
+
+/// Scalars of one update (or of the hyper-gradient of one update), cast once to `T`.
+#[derive(Clone, Copy, Debug)]
+struct Scalars<T> {
+    b1: T,
+    omb1: T,
+    b2: T,
+    omb2: T,
+    b3: T,
+    omb3: T,
+    rho: T,
+    omrho: T,
+    c: T,
+    omc: T,
+    gamma: T,
+    omgamma: T,
+    inv_bc1: T,
+    inv_bc2: T,
+    eps: T,
+    lr: T,
+    lion_b1: T,
+    lion_omb1: T,
+    lion_b2: T,
+    lion_omb2: T,
+    /// t − 1 and 1/t, for the running mean.
+    t_minus_1: T,
+    inv_t: T,
+    /// 1/β1, ∂(1/B1)/∂β1 = t·β1^{t−1}/B1², ∂(1/B2)/∂β2 = t·β2^{t−1}/B2².
+    inv_b1: T,
+    dinv_bc1: T,
+    dinv_bc2: T,
+}
+
+impl<T: Float> Scalars<T> {
+    fn new(q: &Coefficients, t: u64, lr: f64, config: &MadaConfig) -> Self {
+        let tf = t as f64;
+        let bc1 = debias(q.beta1, t);
+        let bc2 = debias(q.beta2, t);
+        Self {
+            b1: T::of(q.beta1),
+            omb1: T::of(1.0 - q.beta1),
+            b2: T::of(q.beta2),
+            omb2: T::of(1.0 - q.beta2),
+            b3: T::of(q.beta3),
+            omb3: T::of(1.0 - q.beta3),
+            rho: T::of(q.rho),
+            omrho: T::of(1.0 - q.rho),
+            c: T::of(q.c),
+            omc: T::of(1.0 - q.c),
+            gamma: T::of(q.gamma),
+            omgamma: T::of(1.0 - q.gamma),
+            inv_bc1: T::of(1.0 / bc1),
+            inv_bc2: T::of(1.0 / bc2),
+            eps: T::of(config.eps),
+            lr: T::of(lr),
+            lion_b1: T::of(config.lion_beta1),
+            lion_omb1: T::of(1.0 - config.lion_beta1),
+            lion_b2: T::of(config.lion_beta2),
+            lion_omb2: T::of(1.0 - config.lion_beta2),
+            t_minus_1: T::of(tf - 1.0),
+            inv_t: T::of(1.0 / tf),
+            inv_b1: T::of(1.0 / q.beta1),
+            dinv_bc1: T::of(tf * q.beta1.powf(tf - 1.0) / (bc1 * bc1)),
+            dinv_bc2: T::of(tf * q.beta2.powf(tf - 1.0) / (bc2 * bc2)),
+        }
+    }
+}
+
+/// Everything one element's update produces.
+#[derive(Clone, Copy, Debug)]
+struct ElementUpdate<T> {
+    u: T,
+    m: T,
+    v: T,
+    v_mean: T,
+    n: T,
+    lion_m: T,
+    d: T,
+    lion_sign: T,
+}
+
+/// One element of the update. `v_mean_detached` replaces v̄_t inside v̂_t (the tests use it to
+/// reproduce the official stop-gradient in finite differences); the kernels pass `None`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn element_update<T: Float, const TEXTBOOK: bool>(
+    k: &Scalars<T>,
+    g: T,
+    m: T,
+    v_old: T,
+    v_mean: T,
+    n: T,
+    g_prev: T,
+    lion_m: T,
+    v_mean_detached: Option<T>,
+) -> ElementUpdate<T> {
+    let d = g - g_prev;
+    let ghat = g + k.b3 * d;
+    let ghat2 = ghat * ghat;
+    let s = sign(ghat2 - v_old);
+    let gt2 = k.c * ghat2 + k.omc * (v_old + ghat2 * s);
+    let m = k.b1 * m + k.omb1 * g;
+    let v = k.b2 * v_old + k.omb2 * gt2;
+    let n = k.b3 * n + k.omb3 * d;
+    let (lion_m, lion_dir) = if TEXTBOOK {
+        (k.lion_b2 * lion_m + k.lion_omb2 * g, k.lion_b1 * lion_m + k.lion_omb1 * g)
+    } else {
+        let lm = k.lion_b2 * lion_m + k.lion_omb2 * g;
+        (lm, k.lion_b1 * lm + k.lion_omb1 * g)
+    };
+    let v_mean = (v + k.t_minus_1 * v_mean) * k.inv_t;
+    let mean_in_vhat = match v_mean_detached {
+        Some(x) => x,
+        None => v_mean,
+    };
+    let m_hat = m * k.inv_bc1;
+    let v_hat = (k.rho * v + k.omrho * mean_in_vhat) * k.inv_bc2;
+    let adaptive = (m_hat + k.b3 * n) / (v_hat.sqrt() + k.eps);
+    let lion_sign = sign(lion_dir);
+    let u = k.gamma * adaptive + k.omgamma * lion_sign;
+    ElementUpdate { u, m, v, v_mean, n, lion_m, d, lion_sign }
+}
+
+/// ∂u_t/∂q for one element, from the state left by update t (module docs, "What is stored").
+/// Returns the partials in [`Coef`] order.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn element_partials<T: Float>(
+    k: &Scalars<T>,
+    g: T,
+    d: T,
+    v_old: T,
+    m: T,
+    v: T,
+    v_mean: T,
+    n: T,
+    lion_sign: T,
+) -> [T; 6] {
+    let two = T::one() + T::one();
+    let ghat = g + k.b3 * d;
+    let ghat2 = ghat * ghat;
+    let s = sign(ghat2 - v_old);
+    let gt2 = k.c * ghat2 + k.omc * (v_old + ghat2 * s);
+    let m_hat = m * k.inv_bc1;
+    let mix = k.rho * v + k.omrho * v_mean;
+    let root = (mix * k.inv_bc2).sqrt();
+    let inv_den = T::one() / (root + k.eps);
+    let numer = m_hat + k.b3 * n;
+    let a = numer * inv_den;
+    // K = ∂A/∂v̂ = −N / (2·S·D²)
+    let kk = -a * inv_den / (two * root);
+    let gk = k.gamma * kk;
+    let rho_omb2_bc2 = k.rho * k.omb2 * k.inv_bc2;
+    [
+        k.gamma * ((m - g) * k.inv_b1 * k.inv_bc1 + m * k.dinv_bc1) * inv_den,
+        gk * (k.rho * (v_old - gt2) * k.inv_bc2 + mix * k.dinv_bc2),
+        k.gamma * (two * n - d) * inv_den + gk * rho_omb2_bc2 * two * ghat * d * (k.c + k.omc * s),
+        gk * (v - v_mean) * k.inv_bc2,
+        gk * rho_omb2_bc2 * (ghat2 - v_old - ghat2 * s),
+        a - lion_sign,
+    ]
+}
+
+/// The MADA optimizer: the parameterized update, its state, and the hyper-optimizer of the
+/// coefficients.
+///
+/// ```
+/// use mada::{Mada, MadaConfig, HyperConfig, Coefficients, Optimizer};
+/// let mut opt = Mada::<f64>::new(MadaConfig::default(), HyperConfig::mada([1e-3; 6]), Coefficients::adam(0.9, 0.95)).unwrap();
+/// let mut w = vec![1.0, -2.0];
+/// for _ in 0..3 {
+///     let g: Vec<f64> = w.iter().map(|x| 2.0 * x).collect(); // ∇ of ‖w‖²
+///     opt.step(&mut [&mut w[..]], &[&g[..]], 0.1).unwrap();
+/// }
+/// assert!(w[0].abs() < 1.0);
+/// ```
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(bound(serialize = "T: Float", deserialize = "T: Float"))]
+pub struct Mada<T> {
+    config: MadaConfig,
+    hyper: HyperOptimizer,
+    states: TensorStates<MadaTensorState<T>>,
+    last_hypergradient: Option<[f64; 6]>,
+}
+
+/// What [`Mada::step`] did.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MadaStepInfo {
+    /// The hyper-gradient of the previous update (None at the first update or while nothing
+    /// is learned or monitored).
+    pub hypergradient: Option<[f64; 6]>,
+    /// The hyper-step taken before this update, if any.
+    pub hyper_step: Option<HyperStep>,
+    /// The coefficients this update used.
+    pub coefficients: Coefficients,
+}
+
+impl<T: Float> Mada<T> {
+    /// A MADA optimizer starting at `coefficients`; errors on a setting out of range or a
+    /// starting point outside the box.
+    pub fn new(config: MadaConfig, hyper: HyperConfig, coefficients: Coefficients) -> Result<Self, OptimError> {
+        config.validate()?;
+        config.bounds.check(&coefficients)?;
+        Ok(Self {
+            config,
+            hyper: HyperOptimizer::new(hyper, coefficients)?,
+            states: TensorStates::default(),
+            last_hypergradient: None,
+        })
+    }
+
+    /// The fixed settings.
+    pub fn config(&self) -> &MadaConfig {
+        &self.config
+    }
+
+    /// The hyper-optimizer settings.
+    pub fn hyper_config(&self) -> &HyperConfig {
+        self.hyper.config()
+    }
+
+    /// The coefficients the next update will use (before its hyper-step, if any).
+    pub fn coefficients(&self) -> Coefficients {
+        self.hyper.coefficients()
+    }
+
+    /// Overwrite the coefficients (projected onto the box), e.g. to start a run from a chosen
+    /// point of the family. The hyper-momentum is kept.
+    pub fn set_coefficients(&mut self, q: Coefficients) -> Result<(), OptimError> {
+        self.config.bounds.check(&q)?;
+        self.hyper.set_coefficients(q);
+        Ok(())
+    }
+
+    /// The last hyper-gradient computed by [`prepare`](Optimizer::prepare) or
+    /// [`hypergradient`](Self::hypergradient) through [`step`](Optimizer::step).
+    pub fn last_hypergradient(&self) -> Option<[f64; 6]> {
+        self.last_hypergradient
+    }
+
+    /// Updates completed so far (of the most-updated tensor).
+    pub fn completed_updates(&self) -> u64 {
+        self.states.iter().map(|(_, s)| s.t).max().unwrap_or(0)
+    }
+
+    /// The per-tensor states, for inspection.
+    pub fn tensor_state(&self, index: usize) -> Option<&MadaTensorState<T>> {
+        self.states.get(index)
+    }
+
+    /// Whether the hyper-gradient is computed at each step.
+    fn tracks(&self) -> bool {
+        self.hyper.config().tracks()
+    }
+
+    /// This tensor's contribution to the hyper-gradient of its last update: −η_t Σ_i grad_i ·
+    /// ∂u_{t,i}/∂q, where `grad` = ∇f(x_t; ξ) is a gradient at the parameters that update
+    /// produced. Contributions of all tensors (and, in data-parallel training, all ranks) add
+    /// up to the hyper-gradient. Zero for a tensor that has not been updated.
+    pub fn hypergradient_of_tensor(&self, index: usize, grad: &[T]) -> Result<[f64; 6], OptimError> {
+        let Some(state) = self.states.get(index) else {
+            return Ok([0.0; 6]);
+        };
+        if state.len() != grad.len() {
+            return Err(OptimError::StateMismatch { index, state: state.len(), got: grad.len() });
+        }
+        if !state.tracks() {
+            return Err(OptimError::Unsupported(
+                "hyper-gradients are not tracked: learn or monitor a coefficient (HyperConfig)".into(),
+            ));
+        }
+        if state.t == 0 {
+            return Ok([0.0; 6]);
+        }
+        let k = Scalars::<T>::new(&state.last_coefficients, state.t, state.last_lr, &self.config);
+        let views = (
+            grad,
+            (&state.g_prev[..], &state.d_prev[..], &state.v_prev[..], &state.m[..]),
+            (&state.v[..], &state.v_mean[..], &state.n[..], &state.lion_sign[..]),
+        );
+        let sums = par::fold(views, &|chunk| partial_sums(&k, chunk), &|a, b| {
+            std::array::from_fn(|i| a[i] + b[i])
+        });
+        Ok(sums.map(|s| -state.last_lr * s))
+    }
+
+    /// The hyper-gradient of the last update over the whole model (`None` before the first
+    /// update).
+    pub fn hypergradient(&self, grads: &[&[T]]) -> Result<Option<[f64; 6]>, OptimError> {
+        if self.completed_updates() == 0 {
+            return Ok(None);
+        }
+        let mut total = [0.0; 6];
+        for (index, grad) in grads.iter().enumerate() {
+            let part = self.hypergradient_of_tensor(index, grad)?;
+            for (t, p) in total.iter_mut().zip(part) {
+                *t += p;
+            }
+        }
+        Ok(Some(total))
+    }
+
+    /// Take one hyper-step along `h` (clipping, momentum, SGD, projection, warm-up and the set
+    /// of learned coefficients as configured). Returns what was done; `None` during warm-up.
+    pub fn apply_hypergradient(&mut self, h: [f64; 6]) -> Result<Option<HyperStep>, OptimError> {
+        let done = self.completed_updates();
+        for c in Coef::ALL {
+            let x = h[c.index()];
+            if !x.is_finite() && self.hyper.config().learned[c.index()] {
+                return Err(OptimError::NonFiniteHypergradient { coef: c, value: x, step: done });
+            }
+        }
+        Ok(self.hyper.step(h, done, &self.config.bounds))
+    }
+
+    /// [`Optimizer::step`] with a report of what happened.
+    pub fn step_with_info(&mut self, params: &mut [&mut [T]], grads: &[&[T]], lr: f64) -> Result<MadaStepInfo, OptimError> {
+        if params.len() != grads.len() {
+            return Err(OptimError::TensorCountMismatch { params: params.len(), grads: grads.len() });
+        }
+        let hyper_step = self.prepare_with_info(grads)?;
+        let coefficients = self.coefficients();
+        for (index, (param, grad)) in params.iter_mut().zip(grads).enumerate() {
+            self.update_tensor(index, param, grad, lr)?;
+        }
+        Ok(MadaStepInfo { hypergradient: self.last_hypergradient, hyper_step, coefficients })
+    }
+
+    fn prepare_with_info(&mut self, grads: &[&[T]]) -> Result<Option<HyperStep>, OptimError> {
+        self.last_hypergradient = None;
+        if !self.tracks() {
+            return Ok(None);
+        }
+        let done = self.completed_updates();
+        // During warm-up nothing is learned, so skip the pass unless the user monitors.
+        if !self.hyper.config().monitor && !self.hyper.active_at(done) {
+            return Ok(None);
+        }
+        let Some(h) = self.hypergradient(grads)? else {
+            return Ok(None);
+        };
+        self.last_hypergradient = Some(h);
+        self.apply_hypergradient(h)
+    }
+}
+
+/// Pass 1 over one chunk: Σ grad·∂u/∂q in f64, accumulated in `T` over blocks of 256.
+#[allow(clippy::type_complexity)]
+fn partial_sums<T: Float>(
+    k: &Scalars<T>,
+    (w, (g, d, v_old, m), (v, v_mean, n, lion_sign)): (&[T], (&[T], &[T], &[T], &[T]), (&[T], &[T], &[T], &[i8])),
+) -> [f64; 6] {
+    const BLOCK: usize = 256;
+    let mut total = [0.0f64; 6];
+    let len = w.len();
+    let mut start = 0;
+    while start < len {
+        let end = (start + BLOCK).min(len);
+        let mut acc = [T::zero(); 6];
+        let (w, g, d, v_old, m) = (&w[start..end], &g[start..end], &d[start..end], &v_old[start..end], &m[start..end]);
+        let (v, v_mean, n, ls) = (&v[start..end], &v_mean[start..end], &n[start..end], &lion_sign[start..end]);
+        for i in 0..w.len() {
+            let p = element_partials(k, g[i], d[i], v_old[i], m[i], v[i], v_mean[i], n[i], T::of_i8(ls[i]));
+            for q in 0..6 {
+                acc[q] = acc[q] + w[i] * p[q];
+            }
+        }
+        for q in 0..6 {
+            total[q] += acc[q].f64();
+        }
+        start = end;
+    }
+    total
+}
+
+/// Pass 2 over one chunk: the update, writing the state the next hyper-gradient needs.
+#[allow(clippy::type_complexity)]
+fn update_chunk<T: Float, const TEXTBOOK: bool, const TRACK: bool>(
+    k: &Scalars<T>,
+    (p, g, (m, v, v_mean, n), (g_prev, lion_m), (d_prev, v_prev, lion_sign)): (
+        &mut [T],
+        &[T],
+        (&mut [T], &mut [T], &mut [T], &mut [T]),
+        (&mut [T], &mut [T]),
+        (&mut [T], &mut [T], &mut [i8]),
+    ),
+) {
+    let len = p.len();
+    let (g, m, v, v_mean, n, g_prev, lion_m) =
+        (&g[..len], &mut m[..len], &mut v[..len], &mut v_mean[..len], &mut n[..len], &mut g_prev[..len], &mut lion_m[..len]);
+    for i in 0..len {
+        let e = element_update::<T, TEXTBOOK>(k, g[i], m[i], v[i], v_mean[i], n[i], g_prev[i], lion_m[i], None);
+        if TRACK {
+            d_prev[i] = e.d;
+            v_prev[i] = v[i];
+            lion_sign[i] = sign_i8(e.lion_sign);
+        }
+        p[i] = p[i] - k.lr * e.u;
+        m[i] = e.m;
+        v[i] = e.v;
+        v_mean[i] = e.v_mean;
+        n[i] = e.n;
+        g_prev[i] = g[i];
+        lion_m[i] = e.lion_m;
+    }
+}
+
+impl<T: Float> Optimizer<T> for Mada<T> {
+    fn name(&self) -> &'static str {
+        "mada"
+    }
+
+    fn prepare(&mut self, grads: &[&[T]]) -> Result<(), OptimError> {
+        self.prepare_with_info(grads).map(|_| ())
+    }
+
+    fn update_tensor(&mut self, index: usize, param: &mut [T], grad: &[T], lr: f64) -> Result<(), OptimError> {
+        check_range("lr", lr, 0.0, f64::MAX)?;
+        let track = self.tracks();
+        let config = self.config;
+        let q = self.hyper.coefficients();
+        let state = self.states.get_or_init(index, param.len(), grad.len(), || MadaTensorState::new(grad, &config, track))?;
+        if state.tracks() != track {
+            return Err(OptimError::Unsupported(format!(
+                "tensor {index}: state was created with hyper-gradient tracking {}, the optimizer now has it {}",
+                state.tracks(),
+                track
+            )));
+        }
+        state.t += 1;
+        let k = Scalars::<T>::new(&q, state.t, lr, &config);
+        let s = state;
+        let views = (
+            param,
+            grad,
+            (&mut s.m[..], &mut s.v[..], &mut s.v_mean[..], &mut s.n[..]),
+            (&mut s.g_prev[..], &mut s.lion_m[..]),
+            (&mut s.d_prev[..], &mut s.v_prev[..], &mut s.lion_sign[..]),
+        );
+        match (config.semantics, track) {
+            (Semantics::OfficialCode, true) => par::for_each(views, &|c| update_chunk::<T, false, true>(&k, c)),
+            (Semantics::OfficialCode, false) => par::for_each(views, &|c| update_chunk::<T, false, false>(&k, c)),
+            (Semantics::Textbook, true) => par::for_each(views, &|c| update_chunk::<T, true, true>(&k, c)),
+            (Semantics::Textbook, false) => par::for_each(views, &|c| update_chunk::<T, true, false>(&k, c)),
+        }
+        s.last_coefficients = q;
+        s.last_lr = lr;
+        Ok(())
+    }
+
+    fn state_bytes_per_param(&self) -> usize {
+        6 * T::BYTES + if self.tracks() { 2 * T::BYTES + 1 } else { 0 }
+    }
+}
+
+#[cfg(test)]
+#[path = "family_tests.rs"]
+mod tests;

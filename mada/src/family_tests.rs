@@ -1,0 +1,221 @@
+//! Tests of the family's kernels that need its internals: the analytic hyper-gradients against
+//! central finite differences of the one-step loss (f64, proptest), the exact zeros at t = 1,
+//! and the equivalence of the parallel and sequential kernels.
+
+use proptest::prelude::*;
+
+use super::*;
+
+/// One element's state before an update.
+#[derive(Clone, Copy, Debug)]
+struct Elem {
+    g: f64,
+    m: f64,
+    v_old: f64,
+    v_mean: f64,
+    n: f64,
+    g_prev: f64,
+    lion_m: f64,
+    w: f64,
+}
+
+fn elem() -> impl Strategy<Value = Elem> {
+    (
+        -2.0..2.0f64,
+        -1.0..1.0f64,
+        1e-3..2.0f64,
+        1e-3..2.0f64,
+        -1.0..1.0f64,
+        -2.0..2.0f64,
+        -1.0..1.0f64,
+        -3.0..3.0f64,
+    )
+        .prop_map(|(g, m, v_old, v_mean, n, g_prev, lion_m, w)| Elem { g, m, v_old, v_mean, n, g_prev, lion_m, w })
+}
+
+/// Coefficients anywhere in the box, with a bias towards the edges (within 1e-3 of a bound,
+/// where the finite differences still stay inside).
+fn coefficient(lo: f64, hi: f64) -> impl Strategy<Value = f64> {
+    let margin = 2e-4;
+    prop_oneof![
+        (lo + margin)..(hi - margin),
+        (lo + margin)..(lo + 1e-3),
+        (hi - 1e-3)..(hi - margin),
+    ]
+}
+
+fn coefficients() -> impl Strategy<Value = Coefficients> {
+    let b = CoefficientBox::OFFICIAL;
+    (
+        coefficient(b.lo[0], b.hi[0]),
+        coefficient(b.lo[1], b.hi[1]),
+        coefficient(b.lo[2], b.hi[2]),
+        coefficient(b.lo[3], b.hi[3]),
+        coefficient(b.lo[4], b.hi[4]),
+        coefficient(b.lo[5], b.hi[5]),
+    )
+        .prop_map(|(beta1, beta2, beta3, rho, c, gamma)| Coefficients { beta1, beta2, beta3, rho, c, gamma })
+}
+
+/// A MADA optimizer whose tensor 0 is in the given pre-update state at step `t − 1`.
+fn optimizer_in_state(elems: &[Elem], t_before: u64, q: Coefficients, semantics: Semantics) -> Mada<f64> {
+    let config = MadaConfig { semantics, ..MadaConfig::default() };
+    let mut opt = Mada::<f64>::new(config, HyperConfig::frozen().monitored(), q).unwrap();
+    let len = elems.len();
+    let g: Vec<f64> = elems.iter().map(|e| e.g).collect();
+    let state = opt.states.get_or_init(0, len, len, || MadaTensorState::new(&g, &config, true)).unwrap();
+    state.t = t_before;
+    for (i, e) in elems.iter().enumerate() {
+        state.m[i] = e.m;
+        state.v[i] = e.v_old;
+        state.v_mean[i] = e.v_mean;
+        state.n[i] = e.n;
+        state.g_prev[i] = e.g_prev;
+        state.lion_m[i] = e.lion_m;
+    }
+    opt
+}
+
+/// φ(q) = Σ_i w_i·(−η·u_i(q)): the one-step loss of a linear next loss with gradient w, minus
+/// the constant Σ w_i x_{t−1,i}. `mean_detached` holds v̄_t fixed, as the official code does.
+fn one_step_loss(elems: &[Elem], t: u64, lr: f64, q: &Coefficients, semantics: Semantics, mean_detached: &[f64]) -> f64 {
+    let config = MadaConfig { semantics, ..MadaConfig::default() };
+    let k = Scalars::<f64>::new(q, t, lr, &config);
+    elems
+        .iter()
+        .zip(mean_detached)
+        .map(|(e, &vm)| {
+            let u = if semantics == Semantics::Textbook {
+                element_update::<f64, true>(&k, e.g, e.m, e.v_old, e.v_mean, e.n, e.g_prev, e.lion_m, Some(vm)).u
+            } else {
+                element_update::<f64, false>(&k, e.g, e.m, e.v_old, e.v_mean, e.n, e.g_prev, e.lion_m, Some(vm)).u
+            };
+            e.w * (-lr * u)
+        })
+        .sum()
+}
+
+/// Central difference with one Richardson extrapolation (error O(δ⁴)).
+fn finite_difference(f: impl Fn(f64) -> f64, x: f64, delta: f64) -> f64 {
+    let d = |h: f64| (f(x + h) - f(x - h)) / (2.0 * h);
+    (4.0 * d(delta / 2.0) - d(delta)) / 3.0
+}
+
+fn analytic_hypergradient(elems: &[Elem], t: u64, lr: f64, q: Coefficients, semantics: Semantics) -> ([f64; 6], Vec<f64>) {
+    let mut opt = optimizer_in_state(elems, t - 1, q, semantics);
+    let mut x = vec![0.0; elems.len()];
+    let g: Vec<f64> = elems.iter().map(|e| e.g).collect();
+    opt.update_tensor(0, &mut x, &g, lr).unwrap();
+    let w: Vec<f64> = elems.iter().map(|e| e.w).collect();
+    let h = opt.hypergradient_of_tensor(0, &w).unwrap();
+    let v_mean_t = opt.tensor_state(0).unwrap().v_mean.clone();
+    (h, v_mean_t)
+}
+
+fn check_against_finite_differences(elems: &[Elem], t: u64, lr: f64, q: Coefficients, semantics: Semantics) -> Result<(), TestCaseError> {
+    // Keep away from the kink of s_t = sign(ĝ² − v_{t−1}) so the perturbation cannot cross it.
+    for e in elems {
+        let ghat = e.g + q.beta3 * (e.g - e.g_prev);
+        prop_assume!((ghat * ghat - e.v_old).abs() > 1e-2);
+    }
+    let (h, v_mean_t) = analytic_hypergradient(elems, t, lr, q, semantics);
+    let scale: f64 = lr * elems.iter().map(|e| e.w.abs()).sum::<f64>();
+    for c in Coef::ALL {
+        let phi = |x: f64| {
+            let mut qq = q;
+            qq.set(c, x);
+            one_step_loss(elems, t, lr, &qq, semantics, &v_mean_t)
+        };
+        let fd = finite_difference(phi, q.get(c), 1e-4);
+        let a = h[c.index()];
+        let tol = 1e-6 * a.abs().max(fd.abs()) + 1e-9 * scale;
+        prop_assert!(
+            (a - fd).abs() <= tol,
+            "{c}: analytic {a:e} vs finite difference {fd:e} (|diff| {:e} > tol {tol:e}) at t={t}, q={q:?}",
+            (a - fd).abs()
+        );
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn hypergradients_match_finite_differences_official(
+        elems in prop::collection::vec(elem(), 1..6),
+        t in 1u64..40,
+        lr in 1e-3..0.5f64,
+        q in coefficients(),
+    ) {
+        check_against_finite_differences(&elems, t, lr, q, Semantics::OfficialCode)?;
+    }
+
+    #[test]
+    fn hypergradients_match_finite_differences_textbook(
+        elems in prop::collection::vec(elem(), 1..6),
+        t in 1u64..40,
+        lr in 1e-3..0.5f64,
+        q in coefficients(),
+    ) {
+        check_against_finite_differences(&elems, t, lr, q, Semantics::Textbook)?;
+    }
+}
+
+/// Without the stop-gradient on v̄_t, the β2-derivative would miss the AVGrad branch; the
+/// analytic formula must match the *detached* derivative and differ from the full one
+/// whenever ρ < 1 (a check that the finite differences above really test the official rule).
+#[test]
+fn the_stop_gradient_on_the_mean_matters() {
+    let elems = [Elem { g: 0.7, m: 0.1, v_old: 0.3, v_mean: 0.5, n: 0.05, g_prev: -0.2, lion_m: 0.1, w: 1.3 }];
+    let q = Coefficients { beta1: 0.9, beta2: 0.95, beta3: 0.3, rho: 0.4, c: 0.7, gamma: 0.8 };
+    let (t, lr) = (3, 0.1);
+    let (h, v_mean_t) = analytic_hypergradient(&elems, t, lr, q, Semantics::OfficialCode);
+    let config = MadaConfig::default();
+    let full = |x: f64| {
+        let mut qq = q;
+        qq.beta2 = x;
+        let k = Scalars::<f64>::new(&qq, t, lr, &config);
+        let e = elems[0];
+        e.w * (-lr * element_update::<f64, false>(&k, e.g, e.m, e.v_old, e.v_mean, e.n, e.g_prev, e.lion_m, None).u)
+    };
+    let fd_full = finite_difference(full, q.beta2, 1e-4);
+    let detached = finite_difference(|x| { let mut qq = q; qq.beta2 = x; one_step_loss(&elems, t, lr, &qq, Semantics::OfficialCode, &v_mean_t) }, q.beta2, 1e-4);
+    assert!((h[1] - detached).abs() < 1e-9 * h[1].abs().max(1.0));
+    assert!((h[1] - fd_full).abs() > 1e-4 * h[1].abs(), "h={} full={fd_full}", h[1]);
+}
+
+#[test]
+fn at_the_first_update_the_beta1_rho_and_c_hypergradients_vanish() {
+    let q = Coefficients { beta1: 0.9, beta2: 0.95, beta3: 0.3, rho: 0.6, c: 0.7, gamma: 0.8 };
+    let mut opt = Mada::<f64>::new(MadaConfig::default(), HyperConfig::frozen().monitored(), q).unwrap();
+    let mut x = vec![1.0, -2.0, 0.5];
+    let g = vec![0.7, -5.7, -0.3];
+    opt.update_tensor(0, &mut x, &g, 1e-2).unwrap();
+    let h = opt.hypergradient_of_tensor(0, &[0.66, -5.65, -0.34]).unwrap();
+    // ρ: v̄_1 = v_1 exactly. β1: bias correction cancels β1 exactly in real arithmetic, to
+    // rounding here (the official autograd happens to round to exactly 0 on its example).
+    assert_eq!(h[Coef::Rho.index()], 0.0);
+    assert!(h[Coef::Beta1.index()].abs() < 1e-15, "{h:?}");
+    assert!(h[Coef::C.index()].abs() < 1e-12, "{h:?}");
+    assert!(h[Coef::Beta2.index()].abs() > 1e-3 && h[Coef::Gamma.index()].abs() > 1e-3, "{h:?}");
+}
+
+#[test]
+fn parallel_kernels_equal_the_single_threaded_run_bit_for_bit() {
+    let n = 3 * crate::par::PAR_MIN_LEN + 123;
+    let run = || {
+        let mut opt = Mada::<f32>::new(MadaConfig::default(), HyperConfig::mada([1e-3; 6]), Coefficients::avgrad(0.9, 0.95)).unwrap();
+        let mut x: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+        for step in 0..4 {
+            let g: Vec<f32> = x.iter().enumerate().map(|(i, v)| v * (1.0 + (i % 3) as f32) + 0.01 * step as f32).collect();
+            opt.step(&mut [&mut x[..]], &[&g[..]], 1e-2).unwrap();
+        }
+        (x, opt.coefficients())
+    };
+    let (a, qa) = run();
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let (b, qb) = pool.install(run);
+    assert_eq!(qa, qb);
+    assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+}
