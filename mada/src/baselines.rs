@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{check_beta, check_range};
 use crate::float::{sign, Float};
 use crate::optimizer::{debias, Optimizer, TensorState, TensorStates};
+use crate::simd::simd_kernel;
 use crate::{par, OptimError};
 
 fn check_lr(lr: f64) -> Result<(), OptimError> {
@@ -117,22 +118,8 @@ impl<T: Float> Optimizer<T> for Sgd<T> {
         let first = s.t == 1;
         let (mu, damp, wd, lr) = (T::of(c.momentum), T::of(1.0 - c.dampening), T::of(c.weight_decay), T::of(lr));
         let [buf] = &mut s.bufs;
-        par::for_each((param, grad, &mut buf[..]), &|(p, g, b): (&mut [T], &[T], &mut [T])| {
-            for i in 0..p.len() {
-                let d = g[i] + wd * p[i];
-                let step = if c.momentum == 0.0 {
-                    d
-                } else {
-                    b[i] = if first { d } else { mu * b[i] + damp * d };
-                    if c.nesterov {
-                        d + mu * b[i]
-                    } else {
-                        b[i]
-                    }
-                };
-                p[i] = p[i] - lr * step;
-            }
-        });
+        let k = SgdScalars { mu, damp, wd, lr, first, momentum: c.momentum != 0.0, nesterov: c.nesterov };
+        par::for_each((param, grad, &mut buf[..]), &|views| sgd_chunk(&k, views));
         Ok(())
     }
 
@@ -144,6 +131,37 @@ impl<T: Float> Optimizer<T> for Sgd<T> {
         }
     }
 }
+
+struct SgdScalars<T> {
+    mu: T,
+    damp: T,
+    wd: T,
+    lr: T,
+    first: bool,
+    momentum: bool,
+    nesterov: bool,
+}
+
+#[inline(always)]
+fn sgd_kernel<T: Float>(k: &SgdScalars<T>, (p, g, b): (&mut [T], &[T], &mut [T])) {
+    let (g, b) = (&g[..p.len()], &mut b[..p.len()]);
+    for i in 0..p.len() {
+        let d = g[i] + k.wd * p[i];
+        let step = if !k.momentum {
+            d
+        } else {
+            b[i] = if k.first { d } else { k.mu * b[i] + k.damp * d };
+            if k.nesterov {
+                d + k.mu * b[i]
+            } else {
+                b[i]
+            }
+        };
+        p[i] = p[i] - k.lr * step;
+    }
+}
+
+simd_kernel!(fn sgd_chunk[T: Float](k: &SgdScalars<T>, views: (&mut [T], &[T], &mut [T])) = sgd_kernel[T]);
 
 // ---------------------------------------------------------------------------------------------
 // Adam, AMSGrad, AVGrad
@@ -181,62 +199,78 @@ impl AdamConfig {
     }
 }
 
-/// How the second-moment denominator is formed.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum SecondMoment {
-    /// √v_t (Adam).
-    Ema,
-    /// √max(v_1..v_t) (AMSGrad, PyTorch: max of the raw v).
-    Max,
-    /// √mean(v_1..v_t) (AVGrad).
-    Mean,
+/// How the second-moment denominator is formed (a const parameter of the kernel).
+const EMA: u8 = 0; // √v_t (Adam)
+const MAX: u8 = 1; // √max(v_1..v_t) (AMSGrad, PyTorch: max of the raw v)
+const MEAN: u8 = 2; // √mean(v_1..v_t) (AVGrad)
+
+struct AdamScalars<T> {
+    step_size: T,
+    inv_bc2_sqrt: T,
+    b1: T,
+    omb1: T,
+    b2: T,
+    omb2: T,
+    eps: T,
+    l2: T,
+    shrink: T,
+    inv_t: T,
+    t_minus_1: T,
 }
 
-/// The shared kernel of Adam, AMSGrad and AVGrad.
-fn adam_like_update<T: Float, const N: usize>(
-    c: &AdamConfig,
-    kind: SecondMoment,
-    s: &mut Buffers<T, N>,
-    param: &mut [T],
-    grad: &[T],
-    lr: f64,
-) {
+type AdamViews<'a, T> = (&'a mut [T], &'a [T], &'a mut [T], &'a mut [T], &'a mut [T]);
+
+#[inline(always)]
+fn adam_kernel<T: Float, const KIND: u8>(k: &AdamScalars<T>, (p, g, m, v, x): AdamViews<'_, T>) {
+    let len = p.len();
+    let (g, m, v) = (&g[..len], &mut m[..len], &mut v[..len]);
+    let x = &mut x[..if KIND == EMA { 0 } else { len }];
+    for i in 0..len {
+        let gi = g[i] + k.l2 * p[i];
+        let pi = p[i] * k.shrink;
+        m[i] = k.b1 * m[i] + k.omb1 * gi;
+        v[i] = k.b2 * v[i] + k.omb2 * gi * gi;
+        let second = if KIND == MAX {
+            x[i] = x[i].max(v[i]);
+            x[i]
+        } else if KIND == MEAN {
+            x[i] = (v[i] + k.t_minus_1 * x[i]) * k.inv_t;
+            x[i]
+        } else {
+            v[i]
+        };
+        let denom = second.sqrt() * k.inv_bc2_sqrt + k.eps;
+        p[i] = pi - k.step_size * (m[i] / denom);
+    }
+}
+
+simd_kernel!(fn adam_chunk[T: Float, const KIND: u8](k: &AdamScalars<T>, views: AdamViews<'_, T>) = adam_kernel[T, KIND]);
+
+/// The shared update of Adam, AMSGrad and AVGrad.
+fn adam_like_update<T: Float, const N: usize, const KIND: u8>(c: &AdamConfig, s: &mut Buffers<T, N>, param: &mut [T], grad: &[T], lr: f64) {
     s.t += 1;
     let t = s.t;
-    let step_size = T::of(lr / debias(c.beta1, t));
-    let inv_bc2_sqrt = T::of(1.0 / debias(c.beta2, t).sqrt());
-    let (b1, omb1, b2, omb2, eps) = (T::of(c.beta1), T::of(1.0 - c.beta1), T::of(c.beta2), T::of(1.0 - c.beta2), T::of(c.eps));
-    let l2 = T::of(if c.decoupled { 0.0 } else { c.weight_decay });
-    let shrink = T::of(if c.decoupled { 1.0 - lr * c.weight_decay } else { 1.0 });
-    let (inv_t, t_minus_1) = (T::of(1.0 / t as f64), T::of(t as f64 - 1.0));
+    let k = AdamScalars {
+        step_size: T::of(lr / debias(c.beta1, t)),
+        inv_bc2_sqrt: T::of(1.0 / debias(c.beta2, t).sqrt()),
+        b1: T::of(c.beta1),
+        omb1: T::of(1.0 - c.beta1),
+        b2: T::of(c.beta2),
+        omb2: T::of(1.0 - c.beta2),
+        eps: T::of(c.eps),
+        l2: T::of(if c.decoupled { 0.0 } else { c.weight_decay }),
+        shrink: T::of(if c.decoupled { 1.0 - lr * c.weight_decay } else { 1.0 }),
+        inv_t: T::of(1.0 / t as f64),
+        t_minus_1: T::of(t as f64 - 1.0),
+    };
     let (m, rest) = s.bufs.split_first_mut().expect("at least m");
     let (v, extra) = rest.split_first_mut().expect("at least v");
     let extra: &mut [T] = extra.first_mut().map_or(&mut [], |e| &mut e[..]);
-    par::for_each((param, grad, &mut m[..], &mut v[..], extra), &|(p, g, m, v, x): (&mut [T], &[T], &mut [T], &mut [T], &mut [T])| {
-        for i in 0..p.len() {
-            let gi = g[i] + l2 * p[i];
-            let pi = p[i] * shrink;
-            m[i] = b1 * m[i] + omb1 * gi;
-            v[i] = b2 * v[i] + omb2 * gi * gi;
-            let second = match kind {
-                SecondMoment::Ema => v[i],
-                SecondMoment::Max => {
-                    x[i] = x[i].max(v[i]);
-                    x[i]
-                }
-                SecondMoment::Mean => {
-                    x[i] = (v[i] + t_minus_1 * x[i]) * inv_t;
-                    x[i]
-                }
-            };
-            let denom = second.sqrt() * inv_bc2_sqrt + eps;
-            p[i] = pi - step_size * (m[i] / denom);
-        }
-    });
+    par::for_each((param, grad, &mut m[..], &mut v[..], extra), &|views| adam_chunk::<T, KIND>(&k, views));
 }
 
 macro_rules! adam_like {
-    ($(#[$doc:meta])* $name:ident, $label:literal, $kind:expr, $n:literal) => {
+    ($(#[$doc:meta])* $name:ident, $label:literal, $kind:ident, $n:literal) => {
         $(#[$doc])*
         #[derive(Clone, Debug, Serialize, Deserialize)]
         #[serde(bound(serialize = "T: Float", deserialize = "T: Float"))]
@@ -265,7 +299,7 @@ macro_rules! adam_like {
             fn update_tensor(&mut self, index: usize, param: &mut [T], grad: &[T], lr: f64) -> Result<(), OptimError> {
                 check_lr(lr)?;
                 let s = self.states.get_or_init(index, param.len(), grad.len(), || Buffers::filled(param.len(), [T::zero(); $n]))?;
-                adam_like_update(&self.config, $kind, s, param, grad, lr);
+                adam_like_update::<T, $n, $kind>(&self.config, s, param, grad, lr);
                 Ok(())
             }
 
@@ -278,15 +312,15 @@ macro_rules! adam_like {
 
 adam_like!(
     /// Adam / AdamW, PyTorch convention (state: m, v).
-    Adam, "adam", SecondMoment::Ema, 2
+    Adam, "adam", EMA, 2
 );
 adam_like!(
     /// AMSGrad, PyTorch convention: max of the raw v, then bias correction (state: m, v, v_max).
-    AmsGrad, "amsgrad", SecondMoment::Max, 3
+    AmsGrad, "amsgrad", MAX, 3
 );
 adam_like!(
     /// AVGrad: the running arithmetic mean of v_1..v_t in place of AMSGrad's max (state: m, v, v̄).
-    AvGrad, "avgrad", SecondMoment::Mean, 3
+    AvGrad, "avgrad", MEAN, 3
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -340,17 +374,9 @@ impl<T: Float> Optimizer<T> for Yogi<T> {
         s.t += 1;
         let step_size = T::of(lr / debias(c.beta1, s.t));
         let inv_bc2_sqrt = T::of(1.0 / debias(c.beta2, s.t).sqrt());
-        let (b1, omb1, omb2, eps) = (T::of(c.beta1), T::of(1.0 - c.beta1), T::of(1.0 - c.beta2), T::of(c.eps));
+        let k = [step_size, inv_bc2_sqrt, T::of(c.beta1), T::of(1.0 - c.beta1), T::of(1.0 - c.beta2), T::of(c.eps)];
         let [m, v] = &mut s.bufs;
-        par::for_each((param, grad, &mut m[..], &mut v[..]), &|(p, g, m, v): (&mut [T], &[T], &mut [T], &mut [T])| {
-            for i in 0..p.len() {
-                let g2 = g[i] * g[i];
-                m[i] = b1 * m[i] + omb1 * g[i];
-                v[i] = v[i] - omb2 * sign(v[i] - g2) * g2;
-                let denom = v[i].sqrt() * inv_bc2_sqrt + eps;
-                p[i] = p[i] - step_size * (m[i] / denom);
-            }
-        });
+        par::for_each((param, grad, &mut m[..], &mut v[..]), &|views| yogi_chunk(&k, views));
         Ok(())
     }
 
@@ -358,6 +384,22 @@ impl<T: Float> Optimizer<T> for Yogi<T> {
         2 * T::BYTES
     }
 }
+
+/// Scalars: step size, 1/√(1−β2^t), β1, 1−β1, 1−β2, ε.
+#[inline(always)]
+fn yogi_kernel<T: Float>(k: &[T; 6], (p, g, m, v): (&mut [T], &[T], &mut [T], &mut [T])) {
+    let [step_size, inv_bc2_sqrt, b1, omb1, omb2, eps] = *k;
+    let (g, m, v) = (&g[..p.len()], &mut m[..p.len()], &mut v[..p.len()]);
+    for i in 0..p.len() {
+        let g2 = g[i] * g[i];
+        m[i] = b1 * m[i] + omb1 * g[i];
+        v[i] = v[i] - omb2 * sign(v[i] - g2) * g2;
+        let denom = v[i].sqrt() * inv_bc2_sqrt + eps;
+        p[i] = p[i] - step_size * (m[i] / denom);
+    }
+}
+
+simd_kernel!(fn yogi_chunk[T: Float](k: &[T; 6], views: (&mut [T], &[T], &mut [T], &mut [T])) = yogi_kernel[T]);
 
 // ---------------------------------------------------------------------------------------------
 // Adan
@@ -418,7 +460,10 @@ impl<T: Float> Optimizer<T> for Adan<T> {
         let step1 = T::of(lr / debias(c.beta1, t));
         let step2 = T::of(lr * c.beta2 / debias(c.beta2, t));
         let inv_bc3_sqrt = T::of(1.0 / debias(c.beta3, t).sqrt());
-        let (b1, omb1, b2, omb2, b3, omb3, eps) = (
+        let k = [
+            step1,
+            step2,
+            inv_bc3_sqrt,
             T::of(c.beta1),
             T::of(1.0 - c.beta1),
             T::of(c.beta2),
@@ -426,24 +471,9 @@ impl<T: Float> Optimizer<T> for Adan<T> {
             T::of(c.beta3),
             T::of(1.0 - c.beta3),
             T::of(c.eps),
-        );
+        ];
         let [m, a, n, prev] = &mut s.bufs;
-        par::for_each(
-            (param, grad, (&mut m[..], &mut a[..], &mut n[..], &mut prev[..])),
-            &|(p, g, (m, a, n, prev)): (&mut [T], &[T], (&mut [T], &mut [T], &mut [T], &mut [T]))| {
-                for i in 0..p.len() {
-                    let d = g[i] - prev[i];
-                    m[i] = b1 * m[i] + omb1 * g[i];
-                    a[i] = b2 * a[i] + omb2 * d;
-                    let z = b2 * d + g[i];
-                    n[i] = b3 * n[i] + omb3 * z * z;
-                    let denom = n[i].sqrt() * inv_bc3_sqrt + eps;
-                    p[i] = p[i] - step1 * (m[i] / denom);
-                    p[i] = p[i] - step2 * (a[i] / denom);
-                    prev[i] = g[i];
-                }
-            },
-        );
+        par::for_each((param, grad, (&mut m[..], &mut a[..], &mut n[..], &mut prev[..])), &|views| adan_chunk(&k, views));
         Ok(())
     }
 
@@ -451,6 +481,29 @@ impl<T: Float> Optimizer<T> for Adan<T> {
         4 * T::BYTES
     }
 }
+
+type AdanViews<'a, T> = (&'a mut [T], &'a [T], (&'a mut [T], &'a mut [T], &'a mut [T], &'a mut [T]));
+
+/// Scalars: lr/(1−β1^t), lr·β2/(1−β2^t), 1/√(1−β3^t), β1, 1−β1, β2, 1−β2, β3, 1−β3, ε.
+#[inline(always)]
+fn adan_kernel<T: Float>(k: &[T; 10], (p, g, (m, a, n, prev)): AdanViews<'_, T>) {
+    let [step1, step2, inv_bc3_sqrt, b1, omb1, b2, omb2, b3, omb3, eps] = *k;
+    let len = p.len();
+    let (g, m, a, n, prev) = (&g[..len], &mut m[..len], &mut a[..len], &mut n[..len], &mut prev[..len]);
+    for i in 0..len {
+        let d = g[i] - prev[i];
+        m[i] = b1 * m[i] + omb1 * g[i];
+        a[i] = b2 * a[i] + omb2 * d;
+        let z = b2 * d + g[i];
+        n[i] = b3 * n[i] + omb3 * z * z;
+        let denom = n[i].sqrt() * inv_bc3_sqrt + eps;
+        p[i] = p[i] - step1 * (m[i] / denom);
+        p[i] = p[i] - step2 * (a[i] / denom);
+        prev[i] = g[i];
+    }
+}
+
+simd_kernel!(fn adan_chunk[T: Float](k: &[T; 10], views: AdanViews<'_, T>) = adan_kernel[T]);
 
 // ---------------------------------------------------------------------------------------------
 // Lion
@@ -495,15 +548,9 @@ impl<T: Float> Optimizer<T> for Lion<T> {
         let c = self.config;
         let s = self.states.get_or_init(index, param.len(), grad.len(), || Buffers::filled(param.len(), [T::zero()]))?;
         s.t += 1;
-        let (b1, omb1, b2, omb2, lr) = (T::of(c.beta1), T::of(1.0 - c.beta1), T::of(c.beta2), T::of(1.0 - c.beta2), T::of(lr));
+        let k = [T::of(c.beta1), T::of(1.0 - c.beta1), T::of(c.beta2), T::of(1.0 - c.beta2), T::of(lr)];
         let [m] = &mut s.bufs;
-        par::for_each((param, grad, &mut m[..]), &|(p, g, m): (&mut [T], &[T], &mut [T])| {
-            for i in 0..p.len() {
-                let u = sign(b1 * m[i] + omb1 * g[i]);
-                m[i] = b2 * m[i] + omb2 * g[i];
-                p[i] = p[i] - lr * u;
-            }
-        });
+        par::for_each((param, grad, &mut m[..]), &|views| lion_chunk(&k, views));
         Ok(())
     }
 
@@ -511,3 +558,17 @@ impl<T: Float> Optimizer<T> for Lion<T> {
         T::BYTES
     }
 }
+
+/// Scalars: β1, 1−β1, β2, 1−β2, lr.
+#[inline(always)]
+fn lion_kernel<T: Float>(k: &[T; 5], (p, g, m): (&mut [T], &[T], &mut [T])) {
+    let [b1, omb1, b2, omb2, lr] = *k;
+    let (g, m) = (&g[..p.len()], &mut m[..p.len()]);
+    for i in 0..p.len() {
+        let u = sign(b1 * m[i] + omb1 * g[i]);
+        m[i] = b2 * m[i] + omb2 * g[i];
+        p[i] = p[i] - lr * u;
+    }
+}
+
+simd_kernel!(fn lion_chunk[T: Float](k: &[T; 5], views: (&mut [T], &[T], &mut [T])) = lion_kernel[T]);

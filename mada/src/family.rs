@@ -71,6 +71,7 @@ use crate::float::{sign, sign_i8, Float};
 use crate::hyper::{HyperConfig, HyperOptimizer, HyperStep};
 use crate::optimizer::{debias, Optimizer, TensorState, TensorStates};
 use crate::par;
+use crate::simd::simd_kernel;
 use crate::OptimError;
 
 /// Which of the two readings of the family to compute.
@@ -358,11 +359,14 @@ fn element_partials<T: Float>(
     let m_hat = m * k.inv_bc1;
     let mix = k.rho * v + k.omrho * v_mean;
     let root = (mix * k.inv_bc2).sqrt();
-    let inv_den = T::one() / (root + k.eps);
+    // One division for both reciprocals: r = 1/(S·D), 1/D = S·r, 1/S = D·r.
+    let den = root + k.eps;
+    let r = T::one() / (root * den);
+    let inv_den = root * r;
     let numer = m_hat + k.b3 * n;
     let a = numer * inv_den;
-    // K = ∂A/∂v̂ = −N / (2·S·D²)
-    let kk = -a * inv_den / (two * root);
+    // K = ∂A/∂v̂ = −N / (2·S·D²) = −A·(1/D)·(1/S)/2
+    let kk = -a * inv_den * (den * r) / two;
     let gk = k.gamma * kk;
     let rho_omb2_bc2 = k.rho * k.omb2 * k.inv_bc2;
     [
@@ -499,13 +503,13 @@ impl<T: Float> Mada<T> {
     }
 
     /// The hyper-gradient of the last update over the whole model (`None` before the first
-    /// update).
+    /// update). An empty gradient slice marks a tensor without gradient: it contributes 0.
     pub fn hypergradient(&self, grads: &[&[T]]) -> Result<Option<[f64; 6]>, OptimError> {
         if self.completed_updates() == 0 {
             return Ok(None);
         }
         let mut total = [0.0; 6];
-        for (index, grad) in grads.iter().enumerate() {
+        for (index, grad) in grads.iter().enumerate().filter(|(_, g)| !g.is_empty()) {
             let part = self.hypergradient_of_tensor(index, grad)?;
             for (t, p) in total.iter_mut().zip(part) {
                 *t += p;
@@ -558,50 +562,78 @@ impl<T: Float> Mada<T> {
     }
 }
 
-/// Pass 1 over one chunk: Σ grad·∂u/∂q in f64, accumulated in `T` over blocks of 256.
-#[allow(clippy::type_complexity)]
-fn partial_sums<T: Float>(
-    k: &Scalars<T>,
-    (w, (g, d, v_old, m), (v, v_mean, n, lion_sign)): (&[T], (&[T], &[T], &[T], &[T]), (&[T], &[T], &[T], &[i8])),
-) -> [f64; 6] {
-    const BLOCK: usize = 256;
+/// Pass 1 over one chunk: Σ grad·∂u/∂q, accumulated in `T` over blocks of [`BLOCK`] elements
+/// (first into [`LANES`] fixed lanes, so the loops vectorize and the summation order is fixed
+/// in code) and in f64 across blocks.
+#[inline(always)]
+fn partial_sums_kernel<T: Float>(k: &Scalars<T>, views: HyperViews<'_, T>) -> [f64; 6] {
+    let (w, (g, d, v_old, m), (v, v_mean, n, lion_sign)) = views;
     let mut total = [0.0f64; 6];
-    let len = w.len();
+    let mut weighted = [[T::zero(); BLOCK]; 6];
     let mut start = 0;
-    while start < len {
-        let end = (start + BLOCK).min(len);
-        let mut acc = [T::zero(); 6];
-        let (w, g, d, v_old, m) = (&w[start..end], &g[start..end], &d[start..end], &v_old[start..end], &m[start..end]);
-        let (v, v_mean, n, ls) = (&v[start..end], &v_mean[start..end], &n[start..end], &lion_sign[start..end]);
-        for i in 0..w.len() {
+    while start < w.len() {
+        let len = BLOCK.min(w.len() - start);
+        let r = start..start + len;
+        let (w, g, d, v_old, m) = (&w[r.clone()], &g[r.clone()], &d[r.clone()], &v_old[r.clone()], &m[r.clone()]);
+        let (v, v_mean, n, ls) = (&v[r.clone()], &v_mean[r.clone()], &n[r.clone()], &lion_sign[r]);
+        // Map: the weighted partials of every element (no dependence between iterations).
+        for i in 0..len {
             let p = element_partials(k, g[i], d[i], v_old[i], m[i], v[i], v_mean[i], n[i], T::of_i8(ls[i]));
             for q in 0..6 {
-                acc[q] = acc[q] + w[i] * p[q];
+                weighted[q][i] = w[i] * p[q];
             }
         }
-        for q in 0..6 {
-            total[q] += acc[q].f64();
+        // Reduce: LANES running sums per coefficient, then the lanes in order.
+        for (q, row) in weighted.iter().enumerate() {
+            let mut lanes = [T::zero(); LANES];
+            let (body, tail) = row[..len].split_at(len - len % LANES);
+            for chunk in body.chunks_exact(LANES) {
+                for l in 0..LANES {
+                    lanes[l] = lanes[l] + chunk[l];
+                }
+            }
+            for (l, &x) in tail.iter().enumerate() {
+                lanes[l] = lanes[l] + x;
+            }
+            total[q] += lanes.iter().fold(0.0, |acc, x| acc + x.f64());
         }
-        start = end;
+        start += len;
     }
     total
 }
 
+/// The slices the hyper-gradient pass reads: the new gradient, then (g_t, d_t, v_{t−1}, m_t)
+/// and (v_t, v̄_t, n_t, sign(cL_t)).
+type HyperViews<'a, T> = (&'a [T], (&'a [T], &'a [T], &'a [T], &'a [T]), (&'a [T], &'a [T], &'a [T], &'a [i8]));
+
+/// The slices the update pass touches: parameter, gradient, (m, v, v̄, n), (g_prev, mL),
+/// (d_prev, v_prev, lion_sign).
+type UpdateViews<'a, T> = (
+    &'a mut [T],
+    &'a [T],
+    (&'a mut [T], &'a mut [T], &'a mut [T], &'a mut [T]),
+    (&'a mut [T], &'a mut [T]),
+    (&'a mut [T], &'a mut [T], &'a mut [i8]),
+);
+
+simd_kernel!(fn partial_sums[T: Float](k: &Scalars<T>, views: HyperViews<'_, T>) -> [f64; 6] = partial_sums_kernel[T]);
+simd_kernel!(fn update_chunk[T: Float, const TEXTBOOK: bool, const TRACK: bool](k: &Scalars<T>, views: UpdateViews<'_, T>) = update_kernel[T, TEXTBOOK, TRACK]);
+
+/// Elements per block of the hyper-gradient pass (its weighted partials stay in L1).
+const BLOCK: usize = 256;
+/// Independent partial sums per coefficient in that pass.
+const LANES: usize = 16;
+
 /// Pass 2 over one chunk: the update, writing the state the next hyper-gradient needs.
-#[allow(clippy::type_complexity)]
-fn update_chunk<T: Float, const TEXTBOOK: bool, const TRACK: bool>(
-    k: &Scalars<T>,
-    (p, g, (m, v, v_mean, n), (g_prev, lion_m), (d_prev, v_prev, lion_sign)): (
-        &mut [T],
-        &[T],
-        (&mut [T], &mut [T], &mut [T], &mut [T]),
-        (&mut [T], &mut [T]),
-        (&mut [T], &mut [T], &mut [i8]),
-    ),
-) {
+#[inline(always)]
+fn update_kernel<T: Float, const TEXTBOOK: bool, const TRACK: bool>(k: &Scalars<T>, views: UpdateViews<'_, T>) {
+    let (p, g, (m, v, v_mean, n), (g_prev, lion_m), (d_prev, v_prev, lion_sign)) = views;
     let len = p.len();
+    // Re-slice to one length so the loop has no bounds checks and vectorizes.
     let (g, m, v, v_mean, n, g_prev, lion_m) =
         (&g[..len], &mut m[..len], &mut v[..len], &mut v_mean[..len], &mut n[..len], &mut g_prev[..len], &mut lion_m[..len]);
+    let tracked = if TRACK { len } else { 0 };
+    let (d_prev, v_prev, lion_sign) = (&mut d_prev[..tracked], &mut v_prev[..tracked], &mut lion_sign[..tracked]);
     for i in 0..len {
         let e = element_update::<T, TEXTBOOK>(k, g[i], m[i], v[i], v_mean[i], n[i], g_prev[i], lion_m[i], None);
         if TRACK {

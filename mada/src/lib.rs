@@ -31,6 +31,7 @@ pub mod float;
 pub mod hyper;
 pub mod optimizer;
 pub mod par;
+pub mod simd;
 pub mod spec;
 
 #[cfg(feature = "candle")]
