@@ -19,3 +19,7 @@ bench-optimizer:
 # Run one optimizer on a trace spec in f64: just trace SPEC.json OUT.csv
 trace spec out:
     cargo run --release -q -p analysis -- trace {{spec}} --out {{out}}
+
+# Check every convergence bound numerically and write reports/analysis/ (--quick: CI size).
+bounds *args:
+    cargo run --release -q -p analysis -- bounds {{args}}

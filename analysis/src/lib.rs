@@ -6,3 +6,11 @@
 
 pub mod io;
 pub mod trace;
+pub mod bounds;
+pub mod frameworks;
+pub mod problems;
+pub mod plot;
+pub mod checks;
+pub mod interp;
+pub mod reddi;
+pub mod report;

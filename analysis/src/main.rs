@@ -21,12 +21,43 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Check every bound on random instances, study the interpolation claim, run the Reddi
+    /// counterexample, and write reports/analysis/. Exits non-zero if a bound is violated.
+    Bounds {
+        /// CI size (≥ 100 instances in all, a few seconds to minutes).
+        #[arg(long)]
+        quick: bool,
+        /// Output folder.
+        #[arg(long, default_value = "reports/analysis")]
+        out: PathBuf,
+        /// The slot file with the paper's own bound statements.
+        #[arg(long, default_value = "reports/reference/paper-bounds.toml")]
+        slots: PathBuf,
+    },
+    /// Only the Reddi et al. counterexample (three panels, CSV, table).
+    Reddi {
+        #[arg(long, default_value_t = 2_000_000)]
+        steps: u64,
+        #[arg(long, default_value = "reports/analysis")]
+        out: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Trace { spec, out } => analysis::trace::command(&spec, &out),
+        Command::Bounds { quick, out, slots } => match analysis::report::run(&out, quick, &slots) {
+            Ok(o) => {
+                println!("bounds: {} instances, {} violations", o.instances, o.violations);
+                if o.violations > 0 {
+                    return ExitCode::FAILURE;
+                }
+                Ok(())
+            }
+            Err(e) => Err(e),
+        },
+        Command::Reddi { steps, out } => analysis::report::reddi_outputs(&out, steps, 1_000).map(|md| print!("{md}")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,306 @@
+//! `analysis bounds`: run the checks, write reports/analysis/ (instance CSV, a markdown table per
+//! bound, the interpolation study, figures), and print the one-line verdict.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Result;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::bounds::{read_slots, registry, Bound, Form};
+use crate::checks::{check_all, expected_grad_norm, summarize, Instance, Row, Size, Summary};
+use crate::frameworks::{NonconvexSettings, Variant};
+use crate::interp::{explicit_minimized_at_adam, nonconvex_curves, regret_curves, Curve};
+use crate::io::write_atomically;
+use crate::plot::{save, LineChart, Panel, Series};
+use crate::problems::Kind;
+use crate::reddi;
+
+/// What `bounds` found.
+pub struct Outcome {
+    pub instances: usize,
+    pub violations: usize,
+}
+
+fn csv_escape(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+fn rows_csv(rows: &[Row]) -> String {
+    let mut s = String::from("bound,instance,seed,problem,settings,seeds,empirical,empirical_ucb,bound_value,tightness,status,note\n");
+    for r in rows {
+        let status = serde_json::to_value(r.status).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+        let _ = writeln!(
+            s,
+            "{},{},{},{},{},{},{:e},{:e},{:e},{:e},{},{}",
+            r.bound,
+            r.instance,
+            r.seed,
+            csv_escape(&r.problem),
+            csv_escape(&r.settings),
+            r.seeds,
+            r.empirical,
+            r.empirical_ucb,
+            r.bound_value,
+            r.tightness,
+            status,
+            csv_escape(&r.note)
+        );
+    }
+    s
+}
+
+fn bounds_markdown(bounds: &[Bound], summaries: &[Summary], size: &Size, mode: &str) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "# Bound checks ({mode})\n");
+    let _ = writeln!(
+        md,
+        "Each bound is confronted with the quantity it controls on random instances ({} per bound, {} noise seeds per \
+         nonconvex instance, N in [{}, {}]). A nonconvex instance passes only if the one-sided 99% Student-t upper \
+         confidence bound of the empirical mean is below the bound; a regret instance passes if R_T ≤ bound exactly. \
+         *Unresolved* instances (neither a confident pass nor a confident violation) count as violations. Tightness = \
+         empirical / bound. Derivations and sources: `analysis/THEORY.md`. None of these is the MADA paper's theorem \
+         (its statements were not available); `reports/reference/paper-bounds.toml` is the slot for them.\n",
+        size.instances, size.seeds, size.steps.0, size.steps.1
+    );
+    let _ = writeln!(md, "| bound | source | instances | checked | excluded | violations | unresolved | tightness min | median | max |");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
+    for (b, s) in bounds.iter().zip(summaries) {
+        let _ = writeln!(
+            md,
+            "| `{}` | {} | {} | {} | {} | {} | {} | {:.2e} | {:.2e} | {:.2e} |",
+            b.id,
+            b.source.label(),
+            s.instances,
+            s.checked,
+            s.excluded,
+            s.violations,
+            s.unresolved,
+            s.tightness_min,
+            s.tightness_median,
+            s.tightness_max
+        );
+    }
+    for b in bounds {
+        let _ = writeln!(md, "\n## `{}` — {}\n\n- Bound: {}\n- Assumptions: {}\n- Source: {}", b.id, b.title, b.formula, b.assumptions, b.source.label());
+    }
+    md
+}
+
+fn interp_markdown(nc: &[Curve], rg: &[Curve]) -> String {
+    let mut md = String::from("# The interpolation claim\n\n");
+    md.push_str(
+        "For each instance the derived bound and the empirical quantity are evaluated on the grid ρ ∈ {0, 0.1, …, 1} \
+         (THEORY.md §6). *Interior* = the bound's minimum lies strictly inside (0, 1) and below both ends; *follows* = \
+         at that ρ the empirical quantity is also below its value at both ends.\n\n",
+    );
+    for (name, curves) in [("Adam (ρ=1) ↔ AVGrad (ρ=0), nonconvex, semi-explicit bound", nc), ("AMSGrad (ρ=1) ↔ AVGrad (ρ=0), regret bound", rg)] {
+        let interior = curves.iter().filter(|c| c.interior()).count();
+        let follows = curves.iter().filter(|c| c.interior() && c.empirical_follows()).count();
+        let _ = writeln!(md, "## {name}\n\n- instances: {}\n- bound minimum interior: {interior}\n- of those, empirical quantity follows: {follows}", curves.len());
+        if std::ptr::eq(curves, nc) {
+            let _ = writeln!(
+                md,
+                "- explicit bound (ρ > 0, THEORY.md §3) minimized at the Adam end ρ = 1: {} of {}",
+                explicit_minimized_at_adam(curves),
+                curves.len()
+            );
+        }
+        let _ = writeln!(md, "\n| instance | problem | bound argmin ρ | empirical argmin ρ | interior | follows | bound(0)/bound(1) |\n|---|---|---|---|---|---|---|");
+        for c in curves {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.1} | {:.1} | {} | {} | {:.3} |",
+                c.instance,
+                c.problem,
+                c.bound_argmin(),
+                c.empirical_argmin(),
+                c.interior(),
+                c.interior() && c.empirical_follows(),
+                c.bound[0] / c.bound[c.bound.len() - 1]
+            );
+        }
+        md.push('\n');
+    }
+    md
+}
+
+/// Figure 1: bound vs empirical against N, for each optimizer form, on one fixed problem.
+fn bound_vs_n_figure(out: &Path, seeds: usize, quick: bool) -> Result<()> {
+    let ns: Vec<usize> = if quick { vec![10, 30, 100, 300] } else { vec![10, 30, 100, 300, 1000, 3000] };
+    let inst = Instance::new(Kind::LogisticNoisy, 5, 0.2, 1e-8);
+    let bounds = registry();
+    let mut panels = Vec::new();
+    let forms: [(&str, Variant, &str); 4] = [
+        ("Adagrad", Variant::Adagrad, "defossez-adagrad"),
+        ("Adam", Variant::Adam, "defossez-adam"),
+        ("interpolation ρ = 0.5", Variant::Interp { rho: 0.5 }, "interp-semi"),
+        ("AVGrad (ρ = 0)", Variant::Interp { rho: 0.0 }, "interp-semi"),
+    ];
+    for (title, variant, id) in forms {
+        let bound = bounds.iter().find(|b| b.id == id).expect("registered");
+        let (mut emp, mut bnd) = (vec![], vec![]);
+        for &n in &ns {
+            let s = NonconvexSettings { variant, alpha: 0.02, beta1: 0.0, beta2: 0.99, eps: 1e-8, steps: n };
+            let runs = inst.runs(&s, seeds, 99).map_err(|e| anyhow::anyhow!(e))?;
+            let e = runs.iter().map(|r| expected_grad_norm(r, 0.0)).sum::<f64>() / runs.len() as f64;
+            let b = match &bound.form {
+                Form::Nonconvex { value, .. } => value(&inst.constants, &s),
+                Form::NonconvexSemi { value, .. } => runs.iter().map(|r| value(&inst.constants, &s, r)).sum::<f64>() / runs.len() as f64,
+                Form::Regret { .. } => f64::NAN,
+            };
+            emp.push((n as f64, e));
+            bnd.push((n as f64, b));
+        }
+        panels.push(Panel::Lines(LineChart {
+            title: format!("{title}: {}", inst.objective.name()),
+            x_label: "N".into(),
+            y_label: "E‖∇F(x_τ)‖²".into(),
+            log_x: true,
+            log_y: true,
+            series: vec![Series::line(format!("bound `{id}`"), bnd).dashed(), Series::line("empirical (mean over seeds)", emp)],
+            ..Default::default()
+        }));
+    }
+    save(&out.join("bound_vs_n"), &panels, 2, (560, 380))?;
+    Ok(())
+}
+
+fn curves_figure(out: &Path, nc: &[Curve], rg: &[Curve]) -> Result<()> {
+    let norm = |v: &[f64], rho: &[f64]| -> Vec<(f64, f64)> {
+        let end = v[v.len() - 1];
+        rho.iter().zip(v).map(|(r, x)| (*r, x / end)).collect()
+    };
+    let pick = |cs: &[Curve]| -> Vec<Curve> { cs.iter().take(6).cloned().collect() };
+    let mut panels = Vec::new();
+    for (title, curves) in [("nonconvex semi-explicit bound(ρ)/bound(1)", pick(nc)), ("regret bound(ρ)/bound(1)", pick(rg))] {
+        panels.push(Panel::Lines(LineChart {
+            title: title.into(),
+            x_label: "ρ".into(),
+            y_label: "relative to ρ = 1".into(),
+            series: curves.iter().map(|c| Series::line(format!("#{} {}", c.instance, c.problem.split(' ').next().unwrap_or("")), norm(&c.bound, &c.rho))).collect(),
+            ..Default::default()
+        }));
+    }
+    panels.push(Panel::Lines(LineChart {
+        title: "nonconvex empirical E‖∇F‖²(ρ)/value at ρ = 1".into(),
+        x_label: "ρ".into(),
+        y_label: "relative to ρ = 1".into(),
+        series: pick(nc).iter().map(|c| Series::line(format!("#{}", c.instance), norm(&c.empirical, &c.rho))).collect(),
+        ..Default::default()
+    }));
+    panels.push(Panel::Lines(LineChart {
+        title: "nonconvex explicit bound(ρ)/bound(1), ρ > 0".into(),
+        x_label: "ρ".into(),
+        y_label: "relative to ρ = 1".into(),
+        log_y: true,
+        series: pick(nc)
+            .iter()
+            .map(|c| Series::line(format!("#{}", c.instance), norm(&c.bound_explicit, &c.rho).into_iter().filter(|p| p.0 > 0.0).collect()))
+            .collect(),
+        ..Default::default()
+    }));
+    save(&out.join("bound_of_rho"), &panels, 2, (560, 380))?;
+    Ok(())
+}
+
+/// The Reddi figure's three panels (R_t/t, x_t, ρ_t), CSV and a markdown summary.
+pub fn reddi_outputs(out: &Path, steps: u64, every: u64) -> Result<String> {
+    let trs = reddi::run_all(steps, every)?;
+    let mut csv = String::from("optimizer,t,avg_regret,x,rho,beta3,c\n");
+    for tr in &trs {
+        for i in 0..tr.t.len() {
+            let _ = writeln!(csv, "{},{},{:e},{:e},{:e},{:e},{:e}", tr.name, tr.t[i], tr.avg_regret[i], tr.x[i], tr.rho[i], tr.beta3[i], tr.c[i]);
+        }
+    }
+    write_atomically(&out.join("reddi.csv"), csv.as_bytes())?;
+    let series = |f: &dyn Fn(&reddi::Trajectory) -> Vec<f64>| -> Vec<Series> {
+        trs.iter()
+            .map(|t| Series::line(t.name.clone(), t.t.iter().zip(f(t)).map(|(a, b)| (*a as f64, b)).collect()))
+            .collect()
+    };
+    let t_max = steps as f64;
+    let panels = vec![
+        Panel::Lines(LineChart {
+            title: "Average regret R_t/t (lr = 0.001)".into(),
+            x_label: "iterations".into(),
+            y_label: "R_t / t".into(),
+            x_range: Some((0.0, t_max)),
+            y_range: Some((0.0, 1.0)),
+            series: series(&|t| t.avg_regret.clone()),
+            ..Default::default()
+        }),
+        Panel::Lines(LineChart {
+            title: "Iterate x_t".into(),
+            x_label: "iterations".into(),
+            y_label: "x_t".into(),
+            x_range: Some((0.0, t_max)),
+            y_range: Some((-1.1, 1.1)),
+            series: series(&|t| t.x.clone()),
+            ..Default::default()
+        }),
+        Panel::Lines(LineChart {
+            title: "MADA coefficients".into(),
+            x_label: "iterations".into(),
+            y_label: "value".into(),
+            x_range: Some((0.0, t_max)),
+            y_range: Some((-0.1, 1.1)),
+            series: trs
+                .iter()
+                .filter(|t| t.name == "MADA")
+                .flat_map(|t| {
+                    let pts = |v: &[f64]| t.t.iter().zip(v).map(|(a, b)| (*a as f64, *b)).collect::<Vec<_>>();
+                    [Series::line("ρ", pts(&t.rho)), Series::line("β3", pts(&t.beta3)), Series::line("c", pts(&t.c))]
+                })
+                .collect(),
+            ..Default::default()
+        }),
+    ];
+    save(&out.join("reddi"), &panels, 3, (520, 380))?;
+    let mut md = format!("# Reddi et al. counterexample ({steps} steps, lr 1e-3)\n\n| optimizer | final x_T | final R_T/T | final ρ | final β3 | final c |\n|---|---|---|---|---|---|\n");
+    for t in &trs {
+        let i = t.t.len() - 1;
+        let _ = writeln!(md, "| {} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} |", t.name, t.x[i], t.avg_regret[i], t.rho[i], t.beta3[i], t.c[i]);
+    }
+    write_atomically(&out.join("reddi.md"), md.as_bytes())?;
+    Ok(md)
+}
+
+/// The whole `bounds` command.
+pub fn run(out: &Path, quick: bool, slots: &Path) -> Result<Outcome> {
+    let size = if quick { Size::QUICK } else { Size::FULL };
+    let mut bounds = registry();
+    for slot in read_slots(slots)? {
+        bounds.push(slot.into_bound()?);
+    }
+    let curves_n = if quick { 12 } else { 48 };
+    let total = (bounds.len() * size.instances) as u64;
+    let bar = ProgressBar::new(total).with_style(
+        ProgressStyle::with_template("bounds {bar:40} {pos}/{len} instances [{elapsed_precise}<{eta_precise}]").expect("template"),
+    );
+    let rows = check_all(&bounds, &size, &|| bar.inc(1));
+    bar.finish_and_clear();
+    let summaries: Vec<Summary> = bounds.iter().map(|b| summarize(&b.id, &rows)).collect();
+    let mode = if quick { "quick" } else { "full" };
+    write_atomically(&out.join("instances.csv"), rows_csv(&rows).as_bytes())?;
+    write_atomically(&out.join("bounds.md"), bounds_markdown(&bounds, &summaries, &size, mode).as_bytes())?;
+
+    eprintln!("bounds: interpolation curves ({curves_n} instances per framework)…");
+    let nc = nonconvex_curves(curves_n, &size);
+    let rg = regret_curves(curves_n, &size);
+    write_atomically(&out.join("interpolation.md"), interp_markdown(&nc, &rg).as_bytes())?;
+    write_atomically(&out.join("interpolation.json"), serde_json::to_string_pretty(&[&nc, &rg])?.as_bytes())?;
+    curves_figure(out, &nc, &rg)?;
+    bound_vs_n_figure(out, size.seeds, quick)?;
+    eprintln!("bounds: Reddi counterexample…");
+    let (steps, every) = if quick { (200_000, 1_000) } else { (2_000_000, 1_000) };
+    reddi_outputs(out, steps, every)?;
+
+    let checked: usize = summaries.iter().map(|s| s.checked).sum();
+    let violations: usize = summaries.iter().map(|s| s.violations).sum();
+    Ok(Outcome { instances: checked, violations })
+}
