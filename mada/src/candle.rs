@@ -113,6 +113,26 @@ impl<T: CandleFloat, O: Optimizer<T>> candle_core::InplaceOp2 for UpdateOp<'_, T
     }
 }
 
+/// p ← p − lr·wd·p in place on one CPU variable.
+struct DecayOp<T> {
+    lr: f64,
+    weight_decay: f64,
+    _t: std::marker::PhantomData<T>,
+}
+
+impl<T: CandleFloat> candle_core::InplaceOp1 for DecayOp<T> {
+    fn name(&self) -> &'static str {
+        "decoupled-weight-decay"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
+        let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("variable is not contiguous") };
+        let Some(data) = T::storage_mut(s) else { candle_core::bail!("variable dtype is not {:?}", T::DTYPE) };
+        crate::clip::decoupled_weight_decay(&mut data[a..b], self.lr, self.weight_decay);
+        Ok(())
+    }
+}
+
 impl<T: CandleFloat, O: Optimizer<T>> VarOptimizer<T, O> {
     /// Bind `opt` to `vars` (every variable must have dtype `T` and be contiguous).
     pub fn with_optimizer(vars: Vec<Var>, opt: O, lr: f64) -> candle_core::Result<Self> {
@@ -146,6 +166,29 @@ impl<T: CandleFloat, O: Optimizer<T>> VarOptimizer<T, O> {
         self.vars.iter().map(|v| HostGrad::of(grads.get(v.as_tensor()))).collect()
     }
 
+    /// Run `f` with the optimizer and every gradient as a host slice, in variable order (empty
+    /// where a variable got no gradient). On the CPU the slices borrow the gradients' storage.
+    pub fn with_gradients<R>(&self, grads: &GradStore, f: impl FnOnce(&O, &[&[T]]) -> R) -> candle_core::Result<R> {
+        let host = self.host_grads(grads)?;
+        Self::with_slices(&host, |slices| f(&self.opt, slices))
+    }
+
+    /// Decoupled weight decay p ← p − lr·wd·p on the variables `indices` (in place on the CPU).
+    pub fn decoupled_weight_decay(&self, indices: &[usize], lr: f64, weight_decay: f64) -> candle_core::Result<()> {
+        if weight_decay == 0.0 || lr == 0.0 {
+            return Ok(());
+        }
+        for &i in indices {
+            let var = &self.vars[i];
+            if matches!(var.device(), Device::Cpu) {
+                var.as_tensor().inplace_op1(&DecayOp::<T> { lr, weight_decay, _t: std::marker::PhantomData })?;
+            } else {
+                var.set(&(var.as_tensor() * (1.0 - lr * weight_decay))?)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Run `f` with every gradient as a host slice (empty where a variable got no gradient);
     /// the CPU storages stay read-locked while `f` runs.
     fn with_slices<R>(host: &[HostGrad<T>], f: impl FnOnce(&[&[T]]) -> R) -> candle_core::Result<R> {
@@ -177,6 +220,11 @@ impl<T: CandleFloat, O: Optimizer<T>> VarOptimizer<T, O> {
         let host = self.host_grads(grads)?;
         let opt = &mut self.opt;
         Self::with_slices(&host, |slices| opt.prepare(slices))?.map_err(err)
+    }
+
+    /// The element type's dtype is the variables' dtype.
+    pub fn dtype(&self) -> DType {
+        T::DTYPE
     }
 
     /// Update every variable that has a gradient, without [`prepare`](Self::prepare).
@@ -213,8 +261,7 @@ impl<T: CandleFloat> VarOptimizer<T, Mada<T>> {
     /// parameters, e.g. of the first micro-batch after an update as `train_ddp.py` takes it);
     /// `None` before the first update.
     pub fn hypergradient(&self, grads: &GradStore) -> candle_core::Result<Option<[f64; 6]>> {
-        let host = self.host_grads(grads)?;
-        Self::with_slices(&host, |slices| self.opt.hypergradient(slices))?.map_err(err)
+        self.with_gradients(grads, |opt, slices| opt.hypergradient(slices))?.map_err(err)
     }
 }
 
@@ -240,7 +287,3 @@ impl<T: CandleFloat, O: Optimizer<T>> candle_nn::Optimizer for VarOptimizer<T, O
     }
 }
 
-/// The element type of a dtype, for callers that dispatch on it.
-pub fn is_supported(dtype: DType) -> bool {
-    matches!(dtype, DType::F32 | DType::F64)
-}

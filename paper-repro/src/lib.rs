@@ -1,0 +1,8 @@
+//! # paper-repro — the MADA paper's experiments in candle
+pub mod data;
+pub mod gpt;
+pub mod nn;
+pub mod vision;
+pub mod ops;
+pub mod spec;
+pub mod train;

@@ -1,0 +1,161 @@
+//! The training loop on tiny data the tests write: it learns, MADA's coefficients move and are
+//! logged, a paused run resumes bit-identically, NaN stops the run naming the update and keeps
+//! the last good checkpoint, and vision runs report per-evaluation accuracy.
+
+use std::path::Path;
+
+use indicatif::ProgressBar;
+use mada::OptimizerSpec;
+use paper_repro::data::text::{prepare, Tokenizer};
+use paper_repro::data::vision::{write_idx_pair, VisionData};
+use paper_repro::gpt::GptConfig;
+use paper_repro::spec::{RunSpec, Schedule, Task, TextData};
+use paper_repro::train::train;
+use paper_repro::vision::VisionModelConfig;
+
+fn corpus(dir: &Path) {
+    let text: String = (0..300).map(|i| format!("to be or not to be {} that is the question. ", i % 7)).collect();
+    prepare(&[text], Tokenizer::Char, dir, "test").unwrap();
+}
+
+fn lm_spec(data: &Path, optimizer: &str, updates: u64) -> RunSpec {
+    RunSpec {
+        label: "test".into(),
+        task: Task::Lm {
+            data: TextData { dir: data.to_path_buf() },
+            model: GptConfig { block_size: 16, vocab_size: 32, n_layer: 2, n_head: 2, n_embd: 32, dropout: 0.0, bias: false },
+            init_from: None,
+            init_from_hf: false,
+            eval_chunks: 4,
+            eval_batch: 4,
+        },
+        optimizer: serde_json::from_str::<OptimizerSpec>(optimizer).unwrap(),
+        schedule: Schedule { lr: 3e-3, min_lr: 3e-4, warmup: 2, decay_until: updates, in_micro_steps: false },
+        updates,
+        batch_size: 8,
+        grad_accum: 2,
+        weight_decay: 0.1,
+        grad_clip: 1.0,
+        seed: 5,
+        eval_interval: 4,
+        checkpoint_interval: 3,
+        device: "cpu".into(),
+    }
+}
+
+const MADA: &str = r#"{"name": "mada", "eps": 1e-6,
+    "coefficients": {"beta1": 0.9, "beta2": 0.95, "beta3": 0.0, "rho": 0.0, "c": 1.0, "gamma": 1.0},
+    "hyper": {"lr": {"beta1": 0.05, "beta2": 0.05, "beta3": 0.5, "rho": 0.5, "c": 0.5, "gamma": 0.5}, "clip": 10.0, "start": 1}}"#;
+
+#[test]
+fn a_tiny_gpt_learns_and_mada_coefficients_move() {
+    let dir = tempfile::tempdir().unwrap();
+    corpus(&dir.path().join("data"));
+    let spec = lm_spec(&dir.path().join("data"), MADA, 12);
+    let r = train(&spec, &dir.path().join("run"), &ProgressBar::hidden(), None).unwrap().unwrap();
+    let log = std::fs::read_to_string(dir.path().join("run/log.csv")).unwrap();
+    let rows: Vec<Vec<f64>> = log.lines().skip(1).map(|l| l.split(',').map(|c| c.parse().unwrap()).collect()).collect();
+    assert_eq!(rows.len(), 12);
+    assert!(rows[11][2] < rows[0][2], "loss {} → {}", rows[0][2], rows[11][2]);
+    let q = r.final_coefficients.unwrap();
+    assert_ne!(q, [0.9, 0.95, 0.0, 0.0, 1.0, 1.0], "the coefficients were learned");
+    // No hyper-gradient at the first update, one from the second on.
+    assert!(rows[0][10].is_nan() && rows[5][10].is_finite());
+    assert!(r.final_eval_loss.is_finite() && r.best_eval_loss <= r.final_eval_loss);
+    // Finished runs are not trained again.
+    let again = train(&spec, &dir.path().join("run"), &ProgressBar::hidden(), None).unwrap().unwrap();
+    assert_eq!(again.spec_id, r.spec_id);
+}
+
+#[test]
+fn a_paused_run_resumes_bit_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    corpus(&dir.path().join("data"));
+    let spec = lm_spec(&dir.path().join("data"), MADA, 9);
+    train(&spec, &dir.path().join("straight"), &ProgressBar::hidden(), None).unwrap().unwrap();
+    // Pause after 4 updates (checkpoint at 4), then again after 2 more, then finish.
+    assert!(train(&spec, &dir.path().join("paused"), &ProgressBar::hidden(), Some(4)).unwrap().is_none());
+    assert!(train(&spec, &dir.path().join("paused"), &ProgressBar::hidden(), Some(2)).unwrap().is_none());
+    train(&spec, &dir.path().join("paused"), &ProgressBar::hidden(), None).unwrap().unwrap();
+    for f in ["checkpoint/model.safetensors", "checkpoint/optimizer.bin"] {
+        let a = std::fs::read(dir.path().join("straight").join(f)).unwrap();
+        let b = std::fs::read(dir.path().join("paused").join(f)).unwrap();
+        assert!(a == b, "{f} differs after resume");
+    }
+    // Logs equal except the wall-clock columns.
+    let strip = |p: &Path| -> Vec<String> {
+        std::fs::read_to_string(p).unwrap().lines().map(|l| l.split(',').take(16).collect::<Vec<_>>().join(",")).collect()
+    };
+    assert_eq!(strip(&dir.path().join("straight/log.csv")), strip(&dir.path().join("paused/log.csv")));
+    assert_eq!(std::fs::read_to_string(dir.path().join("straight/eval.csv")).unwrap(), std::fs::read_to_string(dir.path().join("paused/eval.csv")).unwrap());
+}
+
+#[test]
+fn nan_stops_the_run_naming_the_update_and_keeps_the_last_good_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    corpus(&dir.path().join("data"));
+    let mut spec = lm_spec(&dir.path().join("data"), r#"{"name": "sgd"}"#, 20);
+    spec.grad_clip = 0.0;
+    spec.schedule = Schedule { lr: 1e3, min_lr: 1e3, warmup: 0, decay_until: 0, in_micro_steps: false };
+    spec.checkpoint_interval = 1;
+    let e = format!("{:#}", train(&spec, &dir.path().join("run"), &ProgressBar::hidden(), None).unwrap_err());
+    assert!(e.contains("update") && (e.contains("NaN") || e.contains("inf") || e.contains("not finite")), "{e}");
+    let failed = std::fs::read_to_string(dir.path().join("run/failed.json")).unwrap();
+    assert!(failed.contains("update"));
+    assert!(!dir.path().join("run/result.json").exists());
+    // The checkpoint that survives holds finite parameters.
+    let t = candle_core::safetensors::load(dir.path().join("run/checkpoint/model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    for (name, v) in t {
+        let s = v.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(s.is_finite(), "{name} is not finite in the kept checkpoint");
+    }
+}
+
+#[test]
+fn vision_runs_on_idx_files_and_report_accuracy() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("idx");
+    // Two easy classes: bright top half vs bright bottom half.
+    let pixel = |i: usize, y: usize, _x: usize| if (i % 2 == 0) == (y < 6) { 220 } else { 20 };
+    write_idx_pair(&data, "train", 64, 12, 12, true, pixel, |i| (i % 2) as u8).unwrap();
+    write_idx_pair(&data, "t10k", 32, 12, 12, true, pixel, |i| (i % 2) as u8).unwrap();
+    let spec = RunSpec {
+        label: "cnn".into(),
+        task: Task::Vision { data: VisionData::Mnist { dir: data }, model: VisionModelConfig::Cnn { c1: 4, c2: 8, hidden: 16 }, train_subset: 0, test_subset: 0 },
+        optimizer: serde_json::from_str(r#"{"name": "adam"}"#).unwrap(),
+        schedule: Schedule { lr: 3e-3, min_lr: 0.0, warmup: 0, decay_until: 0, in_micro_steps: false },
+        updates: 16,
+        batch_size: 16,
+        grad_accum: 1,
+        weight_decay: 0.0,
+        grad_clip: 0.0,
+        seed: 1,
+        eval_interval: 4,
+        checkpoint_interval: 8,
+        device: "cpu".into(),
+    };
+    let r = train(&spec, &dir.path().join("run"), &ProgressBar::hidden(), None).unwrap().unwrap();
+    assert!(r.final_eval_accuracy > 0.9, "accuracy {}", r.final_eval_accuracy);
+    let eval = std::fs::read_to_string(dir.path().join("run/eval.csv")).unwrap();
+    assert_eq!(eval.lines().count(), 5);
+}
+
+#[test]
+fn a_spec_with_a_bad_setting_is_refused_before_training() {
+    let dir = tempfile::tempdir().unwrap();
+    corpus(&dir.path().join("data"));
+    let mut spec = lm_spec(&dir.path().join("data"), r#"{"name": "adam", "beta1": 1.5}"#, 3);
+    let e = format!("{:#}", train(&spec, &dir.path().join("run"), &ProgressBar::hidden(), None).unwrap_err());
+    assert!(e.contains("beta1"), "{e}");
+    spec.optimizer = serde_json::from_str(r#"{"name": "adam"}"#).unwrap();
+    spec.task = Task::Lm {
+        data: TextData { dir: dir.path().join("missing") },
+        model: GptConfig { block_size: 16, vocab_size: 32, n_layer: 1, n_head: 2, n_embd: 16, dropout: 0.0, bias: false },
+        init_from: None,
+        init_from_hf: false,
+        eval_chunks: 2,
+        eval_batch: 2,
+    };
+    let e = format!("{:#}", train(&spec, &dir.path().join("run2"), &ProgressBar::hidden(), None).unwrap_err());
+    assert!(e.contains("missing/train.bin"), "{e}");
+}
