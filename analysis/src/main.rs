@@ -47,7 +47,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Trace { spec, out } => analysis::trace::command(&spec, &out),
-        Command::Bounds { quick, out, slots } => match analysis::report::run(&out, quick, &slots) {
+        Command::Bounds { quick, out, slots } => match analysis::report::run(&out, quick, &slots, true) {
             Ok(o) => {
                 println!("bounds: {} instances, {} violations", o.instances, o.violations);
                 if o.violations > 0 {

@@ -198,19 +198,27 @@ where
         .margin(8)
         .x_label_area_size(36)
         .y_label_area_size(60)
-        .build_cartesian_2d(0f64..nx as f64, 0f64..ny as f64)
+        // Cell i spans [i − ½, i + ½], so the integer ticks sit at the cell centres.
+        .build_cartesian_2d(-0.5f64..nx as f64 - 0.5, -0.5f64..ny as f64 - 0.5)
         .map_err(|e| anyhow!("{e:?}"))?;
-    let xs = h.xs.clone();
-    let ys = h.ys.clone();
+    let label = |vals: &[f64], v: f64| -> String {
+        let i = v.round();
+        if (v - i).abs() < 1e-6 && i >= 0.0 {
+            vals.get(i as usize).map(|x| tick(*x)).unwrap_or_default()
+        } else {
+            String::new()
+        }
+    };
+    let (xs, ys) = (h.xs.clone(), h.ys.clone());
     chart
         .configure_mesh()
         .disable_mesh()
         .x_desc(h.x_label.as_str())
         .y_desc(h.y_label.as_str())
-        .x_labels(nx.min(12))
-        .y_labels(ny.min(12))
-        .x_label_formatter(&|v| xs.get(*v as usize).map(|x| format!("{x:.3}")).unwrap_or_default())
-        .y_label_formatter(&|v| ys.get(*v as usize).map(|y| format!("{y:.3}")).unwrap_or_default())
+        .x_labels(nx + 1)
+        .y_labels(ny + 1)
+        .x_label_formatter(&|v| label(&xs, *v))
+        .y_label_formatter(&|v| label(&ys, *v))
         .draw()
         .map_err(|e| anyhow!("{e:?}"))?;
     let (lo, hi) = h.range;
@@ -219,7 +227,7 @@ where
         .draw_series(cells.map(|(ix, iy)| {
             let v = h.values.get(iy).and_then(|r| r.get(ix)).copied().unwrap_or(f64::NAN);
             let color = if v.is_finite() { ramp((v - lo) / (hi - lo).max(1e-300)) } else { RGBColor(160, 160, 160) };
-            Rectangle::new([(ix as f64, iy as f64), (ix as f64 + 1.0, iy as f64 + 1.0)], color.filled())
+            Rectangle::new([(ix as f64 - 0.5, iy as f64 - 0.5), (ix as f64 + 0.5, iy as f64 + 0.5)], color.filled())
         }))
         .map_err(|e| anyhow!("{e:?}"))?;
     // Cell values as text, so the figure can be read without a colour bar.
@@ -230,7 +238,7 @@ where
                 return None;
             }
             let t = if v.is_finite() { format!("{v:.3}") } else { "–".into() };
-            Some(Text::new(t, (ix as f64 + 0.1, iy as f64 + 0.6), ("sans-serif", 11).into_font().color(&WHITE)))
+            Some(Text::new(t, (ix as f64 - 0.3, iy as f64 + 0.1), ("sans-serif", 12).into_font().color(&WHITE)))
         }))
         .map_err(|e| anyhow!("{e:?}"))?;
     Ok(())

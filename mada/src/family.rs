@@ -503,9 +503,10 @@ impl<T: Float> Mada<T> {
     }
 
     /// The hyper-gradient of the last update over the whole model (`None` before the first
-    /// update). An empty gradient slice marks a tensor without gradient: it contributes 0.
+    /// update, and when no coefficient is learned or monitored). An empty gradient slice marks
+    /// a tensor without gradient: it contributes 0.
     pub fn hypergradient(&self, grads: &[&[T]]) -> Result<Option<[f64; 6]>, OptimError> {
-        if self.completed_updates() == 0 {
+        if self.completed_updates() == 0 || !self.tracks() {
             return Ok(None);
         }
         let mut total = [0.0; 6];

@@ -102,6 +102,7 @@ impl Workload {
                 Ok(Workload::Lm { model: gpt, corpus, eval_chunks: *eval_chunks, eval_batch: *eval_batch, batch: spec.batch_size, seed: spec.seed, device })
             }
             Task::Vision { data, model, train_subset, test_subset } => {
+                let data = data.resolved(resolve);
                 let (mut train, mut test) = data.load()?;
                 if *train_subset > 0 {
                     train = train.take(*train_subset);
@@ -334,6 +335,110 @@ impl RunDir {
 
 type Opt = VarOptimizer<f32, AnyOptimizer<f32>>;
 
+/// A model, its data and its optimizer, ready to take update steps.
+pub struct Trainer {
+    pub spec: RunSpec,
+    pub work: Workload,
+    pub opt: Opt,
+    vars: Vec<candle_core::Var>,
+    /// Tensors of dimension ≥ 2 (decayed).
+    decayed: Vec<usize>,
+}
+
+/// What one update did.
+pub struct StepOutput {
+    pub lr: f64,
+    pub loss: f64,
+    pub grad_norm: f64,
+    /// Hyper-gradient used by the hyper-step before this update (NaN if none).
+    pub hypergradient: [f64; 6],
+    /// Coefficients after the update (NaN for non-MADA optimizers).
+    pub coefficients: [f64; 6],
+    /// Tokens or images processed.
+    pub items: usize,
+    /// Seconds in forward + backward, and in the optimizer (hyper-gradient, clipping, decay,
+    /// update).
+    pub model_s: f64,
+    pub optimizer_s: f64,
+}
+
+impl Trainer {
+    pub fn new(spec: &RunSpec) -> Result<Self> {
+        spec.validate()?;
+        let work = Workload::build(spec)?;
+        let vars = work.params().vars();
+        let decayed = work.params().params().iter().enumerate().filter(|(_, (_, v))| v.rank() >= 2).map(|(i, _)| i).collect();
+        let opt = VarOptimizer::with_optimizer(vars.clone(), AnyOptimizer::from_spec(&spec.optimizer)?, spec.schedule.lr)?;
+        Ok(Self { spec: spec.clone(), work, opt, vars, decayed })
+    }
+
+    /// Update `step` (0-based): micro-batches, hyper-step, clipping, decay, optimizer update.
+    pub fn step(&mut self, step: u64) -> Result<StepOutput> {
+        let ga = self.spec.grad_accum;
+        let lr = self.spec.schedule.at(step, ga);
+        let (mut model_s, mut optimizer_s) = (0.0, 0.0);
+        let mut acc: Option<GradStore> = None;
+        let mut loss_total = 0.0;
+        let mut items = 0usize;
+        let mut hyper = [f64::NAN; 6];
+        for micro in 0..ga {
+            let t = Instant::now();
+            let (loss, n) = self.work.micro_loss(step, micro, ga)?;
+            let value = loss.to_scalar::<f32>()? as f64;
+            if !value.is_finite() {
+                bail!("update {step}, micro-batch {micro}: the training loss is {value}");
+            }
+            loss_total += value / ga as f64;
+            items += n;
+            let grads = (loss / ga as f64)?.backward()?;
+            model_s += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            if micro == 0 {
+                // MADA / HyperAdam: the hyper-gradient of the previous update, from this first
+                // micro-batch's (unclipped, 1/GA-scaled) gradient; hyper-step at once.
+                let h = self.opt.with_gradients(&grads, |o, g| o.as_mada().map(|m| m.hypergradient(g)))?;
+                if let Some(h) = h.transpose()?.flatten() {
+                    if let Some(m) = self.opt.optimizer_mut().as_mada_mut() {
+                        m.apply_hypergradient(h).map_err(|e| anyhow!("update {step}: {e}"))?;
+                    }
+                    hyper = h;
+                }
+            }
+            sum_grads(&mut acc, &self.vars, grads)?;
+            optimizer_s += t.elapsed().as_secs_f64();
+        }
+        let t = Instant::now();
+        let mut acc = acc.context("no micro-batch")?;
+        let (norm, bad) = grad_norm(self.work.params(), &acc)?;
+        if let Some(name) = bad {
+            bail!("update {step}: the gradient of {name} is not finite");
+        }
+        if self.spec.grad_clip > 0.0 && norm > self.spec.grad_clip {
+            let scale = self.spec.grad_clip / (norm + 1e-6);
+            for v in &self.vars {
+                if let Some(g) = acc.get(v.as_tensor()) {
+                    let scaled = (g * scale)?;
+                    acc.insert(v.as_tensor(), scaled);
+                }
+            }
+        }
+        self.opt.decoupled_weight_decay(&self.decayed, lr, self.spec.weight_decay)?;
+        candle_nn::Optimizer::set_learning_rate(&mut self.opt, lr);
+        self.opt.update(&acc)?;
+        optimizer_s += t.elapsed().as_secs_f64();
+        Ok(StepOutput {
+            lr,
+            loss: loss_total,
+            grad_norm: norm,
+            hypergradient: hyper,
+            coefficients: self.opt.optimizer().as_mada().map(|m| m.coefficients().to_array()).unwrap_or([f64::NAN; 6]),
+            items,
+            model_s,
+            optimizer_s,
+        })
+    }
+}
+
 fn save_checkpoint(run: &RunDir, work: &Workload, opt: &Opt, state: &LoopState) -> Result<()> {
     let tmp = run.dir.join(".checkpoint.tmp");
     let _ = std::fs::remove_dir_all(&tmp);
@@ -396,11 +501,8 @@ pub fn train(spec: &RunSpec, dir: &Path, bar: &ProgressBar, pause_after: Option<
 }
 
 fn train_inner(spec: &RunSpec, run: &RunDir, id: &str, bar: &ProgressBar, pause_after: Option<u64>) -> Result<Option<RunResult>> {
-    let work = Workload::build(spec)?;
-    let vars = work.params().vars();
-    let decayed: Vec<usize> = work.params().params().iter().enumerate().filter(|(_, (_, v))| v.rank() >= 2).map(|(i, _)| i).collect();
-    let mut opt: Opt = VarOptimizer::with_optimizer(vars.clone(), AnyOptimizer::from_spec(&spec.optimizer)?, spec.schedule.lr)?;
-    let mut state = match load_checkpoint(run, &work, &mut opt, id)? {
+    let mut tr = Trainer::new(spec)?;
+    let mut state = match load_checkpoint(run, &tr.work, &mut tr.opt, id)? {
         Some(s) => {
             truncate_csv(&run.log(), LOG_HEADER, s.log_rows)?;
             truncate_csv(&run.eval(), EVAL_HEADER, s.eval_rows)?;
@@ -414,7 +516,6 @@ fn train_inner(spec: &RunSpec, run: &RunDir, id: &str, bar: &ProgressBar, pause_
     };
     bar.set_length(spec.updates);
     bar.set_position(state.step);
-    let ga = spec.grad_accum;
     let mut last_eval = (f64::NAN, f64::NAN, f64::NAN);
     let (mut best_loss, mut best_acc) = (f64::INFINITY, f64::NEG_INFINITY);
     // Best-so-far survives a resume: recompute from eval.csv.
@@ -428,84 +529,43 @@ fn train_inner(spec: &RunSpec, run: &RunDir, id: &str, bar: &ProgressBar, pause_
             }
         }
     }
+    let unit = if matches!(tr.work, Workload::Lm { .. }) { "tok" } else { "img" };
     let mut done_here = 0u64;
     while state.step < spec.updates {
         if pause_after.is_some_and(|p| done_here >= p) {
-            save_checkpoint(run, &work, &opt, &state)?;
+            save_checkpoint(run, &tr.work, &tr.opt, &state)?;
             return Ok(None);
         }
         done_here += 1;
-        let step = state.step;
         let t0 = Instant::now();
-        let lr = spec.schedule.at(step, ga);
-        let mut acc: Option<GradStore> = None;
-        let mut loss_total = 0.0;
-        let mut items = 0usize;
-        let mut hyper = [f64::NAN; 6];
-        for micro in 0..ga {
-            let (loss, n) = work.micro_loss(step, micro, ga)?;
-            let value = loss.to_scalar::<f32>()? as f64;
-            if !value.is_finite() {
-                bail!("update {step}, micro-batch {micro}: the training loss is {value}");
-            }
-            loss_total += value / ga as f64;
-            items += n;
-            let grads = (loss / ga as f64)?.backward()?;
-            if micro == 0 {
-                // MADA / HyperAdam: the hyper-gradient of the previous update, from this first
-                // micro-batch's (unclipped, 1/GA-scaled) gradient; hyper-step at once.
-                let h = opt.with_gradients(&grads, |o, g| o.as_mada().map(|m| m.hypergradient(g)))?;
-                if let Some(h) = h.transpose()?.flatten() {
-                    if let Some(m) = opt.optimizer_mut().as_mada_mut() {
-                        m.apply_hypergradient(h).map_err(|e| anyhow!("update {step}: {e}"))?;
-                    }
-                    hyper = h;
-                }
-            }
-            sum_grads(&mut acc, &vars, grads)?;
-        }
-        let mut acc = acc.context("no micro-batch")?;
-        let (norm, bad) = grad_norm(work.params(), &acc)?;
-        if let Some(name) = bad {
-            bail!("update {step}: the gradient of {name} is not finite");
-        }
-        if spec.grad_clip > 0.0 && norm > spec.grad_clip {
-            let scale = spec.grad_clip / (norm + 1e-6);
-            for v in &vars {
-                if let Some(g) = acc.get(v.as_tensor()) {
-                    let scaled = (g * scale)?;
-                    acc.insert(v.as_tensor(), scaled);
-                }
-            }
-        }
-        opt.decoupled_weight_decay(&decayed, lr, spec.weight_decay)?;
-        candle_nn::Optimizer::set_learning_rate(&mut opt, lr);
-        opt.update(&acc)?;
-        let q = opt.optimizer().as_mada().map(|m| m.coefficients().to_array());
+        let out = tr.step(state.step)?;
         let dt = t0.elapsed().as_secs_f64();
         state.elapsed_s += dt;
-        state.items += items as u64;
+        state.items += out.items as u64;
         state.step += 1;
-        state.loss_sum += loss_total;
+        state.loss_sum += out.loss;
         state.loss_count += 1;
-        let qa = q.unwrap_or([f64::NAN; 6]);
+        let fmt = |a: &[f64; 6]| a.iter().map(|v| format!("{v:e}")).collect::<Vec<_>>().join(",");
         let row = format!(
-            "{},{lr:e},{loss_total},{norm},{},{},{items_per_s:.1},{:.3}",
+            "{},{:e},{},{},{},{},{:.1},{:.3}",
             state.step,
-            qa.iter().map(|v| format!("{v}")).collect::<Vec<_>>().join(","),
-            hyper.iter().map(|v| format!("{v:e}")).collect::<Vec<_>>().join(","),
-            state.elapsed_s,
-            items_per_s = items as f64 / dt
+            out.lr,
+            out.loss,
+            out.grad_norm,
+            fmt(&out.coefficients),
+            fmt(&out.hypergradient),
+            out.items as f64 / dt,
+            state.elapsed_s
         );
         append(&run.log(), &row)?;
         state.log_rows += 1;
         bar.set_position(state.step);
-        bar.set_message(format!("loss {loss_total:.4} {:.0} {}/s", items as f64 / dt, if matches!(work, Workload::Lm { .. }) { "tok" } else { "img" }));
+        bar.set_message(format!("loss {:.4} {:.0} {unit}/s", out.loss, out.items as f64 / dt));
 
         let last = state.step == spec.updates;
         if state.step % spec.eval_interval == 0 || last {
-            let (eval_loss, acc_v) = work.evaluate()?;
-            let train_loss = match work.train_estimate()? {
+            let (eval_loss, acc_v) = tr.work.evaluate()?;
+            let train_loss = match tr.work.train_estimate()? {
                 Some(t) => t,
                 None => state.loss_sum / state.loss_count.max(1) as f64,
             };
@@ -521,7 +581,7 @@ fn train_inner(spec: &RunSpec, run: &RunDir, id: &str, bar: &ProgressBar, pause_
             last_eval = (train_loss, eval_loss, acc_v);
         }
         if state.step % spec.checkpoint_interval == 0 || last {
-            save_checkpoint(run, &work, &opt, &state)?;
+            save_checkpoint(run, &tr.work, &tr.opt, &state)?;
         }
     }
     let result = RunResult {
@@ -533,11 +593,11 @@ fn train_inner(spec: &RunSpec, run: &RunDir, id: &str, bar: &ProgressBar, pause_
         final_eval_accuracy: last_eval.2,
         best_eval_accuracy: if best_acc.is_finite() { best_acc } else { f64::NAN },
         final_train_loss: last_eval.0,
-        final_coefficients: opt.optimizer().as_mada().map(|m| m.coefficients().to_array()),
+        final_coefficients: tr.opt.optimizer().as_mada().map(|m| m.coefficients().to_array()),
         items_per_s: state.items as f64 / state.elapsed_s.max(1e-9),
         elapsed_s: state.elapsed_s,
-        params: work.params().num_params(),
-        optimizer_state_bytes_per_param: opt.optimizer().state_bytes_per_param(),
+        params: tr.work.params().num_params(),
+        optimizer_state_bytes_per_param: tr.opt.optimizer().state_bytes_per_param(),
     };
     write_atomically(&run.result(), serde_json::to_string_pretty(&result)?.as_bytes())?;
     Ok(Some(result))

@@ -214,6 +214,16 @@ pub fn default_fashion_dir() -> PathBuf {
 }
 
 impl VisionData {
+    /// The same data with its folder passed through `resolve` (relative paths → data root).
+    pub fn resolved(&self, resolve: impl Fn(&Path) -> PathBuf) -> VisionData {
+        match self {
+            VisionData::FashionMnist { dir } => VisionData::FashionMnist { dir: resolve(dir) },
+            VisionData::Mnist { dir } => VisionData::Mnist { dir: resolve(dir) },
+            VisionData::Cifar10 { dir } => VisionData::Cifar10 { dir: resolve(dir) },
+            VisionData::Cifar100 { dir } => VisionData::Cifar100 { dir: resolve(dir) },
+        }
+    }
+
     /// (train, test).
     pub fn load(&self) -> Result<(ImageSet, ImageSet)> {
         match self {

@@ -1,0 +1,131 @@
+//! Figures from run logs (plotters, SVG and PNG): evaluation curves with seed bands, MADA's
+//! coefficient trajectories, and robustness-grid heat maps.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+
+use analysis::plot::{save, HeatMap, LineChart, Panel, Series};
+
+use crate::catalog::Experiment;
+use crate::tables::{GridSummary, RunData};
+
+fn metric_name(m: &str) -> &str {
+    match m {
+        "eval_accuracy" => "test accuracy",
+        "train_loss" => "train loss",
+        _ => "validation loss",
+    }
+}
+
+/// Mean ± std over seeds at each evaluation step.
+fn banded(runs: &[&RunData], metric: &str) -> Series {
+    let mut at: BTreeMap<u64, Vec<f64>> = BTreeMap::new();
+    for r in runs {
+        for e in &r.evals {
+            let v = match metric {
+                "eval_accuracy" => e.3,
+                "train_loss" => e.1,
+                _ => e.2,
+            };
+            if v.is_finite() {
+                at.entry(e.0 as u64).or_default().push(v);
+            }
+        }
+    }
+    let mut points = Vec::new();
+    let mut band = Vec::new();
+    for (s, v) in at {
+        let m = v.iter().sum::<f64>() / v.len() as f64;
+        let sd = if v.len() > 1 { (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64).sqrt() } else { 0.0 };
+        points.push((s as f64, m));
+        band.push((s as f64, m - sd, m + sd));
+    }
+    let name = runs.first().map(|r| r.label.clone()).unwrap_or_default();
+    let name = if runs.len() > 1 { format!("{name} ({} seeds)", runs.len()) } else { name };
+    let s = Series::line(name, points);
+    if runs.len() > 1 {
+        s.with_band(band)
+    } else {
+        s
+    }
+}
+
+/// `<dir>/<artifact>_curves.{svg,png}` (+ `_coefficients` when MADA-family runs exist).
+pub fn training_figures(e: &Experiment, runs: &[RunData], dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut by_key: BTreeMap<&str, Vec<&RunData>> = BTreeMap::new();
+    for r in runs.iter().filter(|r| !r.evals.is_empty()) {
+        by_key.entry(&r.key).or_default().push(r);
+    }
+    if by_key.is_empty() {
+        return Ok(Vec::new());
+    }
+    let order: Vec<&str> = e.optimizers.keys().map(String::as_str).filter(|k| by_key.contains_key(k)).collect();
+    let mut panels = vec![Panel::Lines(LineChart {
+        title: format!("{}: {}", e.title, metric_name(&e.metric)),
+        x_label: "optimizer updates".into(),
+        y_label: metric_name(&e.metric).into(),
+        series: order.iter().map(|k| banded(&by_key[k], &e.metric)).collect(),
+        ..Default::default()
+    })];
+    if e.metric != "train_loss" {
+        panels.push(Panel::Lines(LineChart {
+            title: "training loss (evaluation)".into(),
+            x_label: "optimizer updates".into(),
+            y_label: "train loss".into(),
+            series: order.iter().map(|k| banded(&by_key[k], "train_loss")).collect(),
+            ..Default::default()
+        }));
+    }
+    let mut out = save(&dir.join(format!("{}_curves", e.artifact)), &panels, 2, (620, 420))?.to_vec();
+    // Coefficient trajectories of every learned-coefficient run (first seed of each optimizer).
+    let mut coef_panels = Vec::new();
+    for k in &order {
+        let r = by_key[k][0];
+        if r.coefficients.iter().all(|(_, q)| q[0].is_nan()) {
+            continue;
+        }
+        let names = ["β1", "β2", "β3", "ρ", "c", "γ"];
+        coef_panels.push(Panel::Lines(LineChart {
+            title: format!("{} coefficients (seed {})", r.label, r.seed),
+            x_label: "optimizer updates".into(),
+            y_label: "value".into(),
+            y_range: Some((-0.05, 1.05)),
+            series: (0..6).map(|i| Series::line(names[i], r.coefficients.iter().map(|(s, q)| (*s, q[i])).collect())).collect(),
+            ..Default::default()
+        }));
+    }
+    if !coef_panels.is_empty() {
+        out.extend(save(&dir.join(format!("{}_coefficients", e.artifact)), &coef_panels, 2, (620, 420))?);
+    }
+    Ok(out)
+}
+
+/// `<dir>/<artifact>_grid.{svg,png}`: one heat map per optimizer of the final train loss over
+/// the initial (β1, β2), on a shared colour range (the official plot clips at 0.8; we use the
+/// range of the values).
+pub fn grid_figure(e: &Experiment, grids: &[GridSummary], dir: &Path) -> Result<Vec<PathBuf>> {
+    if grids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let lo = grids.iter().map(|g| g.min).fold(f64::INFINITY, f64::min);
+    let hi = grids.iter().map(|g| g.max).fold(f64::NEG_INFINITY, f64::max);
+    let panels: Vec<Panel> = grids
+        .iter()
+        .map(|g| {
+            let mut xs: Vec<f64> = g.points.iter().map(|p| p.0 .0).collect();
+            let mut ys: Vec<f64> = g.points.iter().map(|p| p.0 .1).collect();
+            xs.sort_by(f64::total_cmp);
+            xs.dedup();
+            ys.sort_by(f64::total_cmp);
+            ys.dedup();
+            let values = ys
+                .iter()
+                .map(|y| xs.iter().map(|x| g.points.iter().find(|p| p.0 == (*x, *y)).map_or(f64::NAN, |p| p.1)).collect())
+                .collect();
+            Panel::Heat(HeatMap { title: format!("{}: final train loss", g.label), x_label: "initial β1".into(), y_label: "initial β2".into(), xs, ys, values, range: (lo, hi) })
+        })
+        .collect();
+    Ok(save(&dir.join(format!("{}_grid", e.artifact)), &panels, 3, (480, 420))?.to_vec())
+}

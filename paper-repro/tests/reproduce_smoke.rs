@@ -1,0 +1,36 @@
+//! `reproduce smoke` end to end on the embedded data, as CI runs it: every experiment of the
+//! smoke tier, then tables, figures and the report; a second call finds everything finished.
+
+use std::path::Path;
+
+use paper_repro::reproduce::{reproduce, Paths};
+
+#[test]
+fn the_smoke_tier_runs_end_to_end_and_is_idempotent() {
+    let dir = tempfile::tempdir().unwrap();
+    // The only test of this binary: setting the data root cannot race with another test.
+    std::env::set_var("MADA_DATA", dir.path().join("data"));
+    let paths = Paths {
+        experiments: Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments"),
+        runs: dir.path().join("runs"),
+        reports: dir.path().join("reports"),
+    };
+    let o = reproduce(&paths, "smoke", None).unwrap();
+    assert!(o.failures.is_empty(), "{:#?}", o.failures);
+    assert!(o.runs_total >= 20 && o.runs_finished == o.runs_total, "{}/{}", o.runs_finished, o.runs_total);
+    let report = std::fs::read_to_string(paths.reports.join("REPORT.md")).unwrap();
+    for needle in ["Claims ledger", "gpt2-124m", "vision-resnet", "shakespeare-grid", "Reddi", "bound"] {
+        assert!(report.contains(needle), "report lacks {needle}");
+    }
+    assert!(paths.reports.join("report.html").exists());
+    assert!(paths.reports.join("tables/smoke/gpt2-124m.csv").exists());
+    assert!(paths.reports.join("figures/smoke/shakespeare-grid_grid.png").exists());
+    // Every referenced figure exists.
+    for line in report.lines().filter(|l| l.starts_with("![")) {
+        let target = line.split("](").nth(1).unwrap().trim_end_matches(')');
+        assert!(paths.reports.join(target).exists(), "missing figure {target}");
+    }
+    // Nothing left to do the second time.
+    let again = reproduce(&paths, "smoke", None).unwrap();
+    assert_eq!(again.runs_finished, again.runs_total);
+}
