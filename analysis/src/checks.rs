@@ -35,7 +35,7 @@ pub struct Size {
 
 impl Size {
     pub const QUICK: Size = Size { instances: 16, seeds: 8, steps: (40, 250), base_seed: 20_240_117 };
-    pub const FULL: Size = Size { instances: 120, seeds: 32, steps: (100, 3000), base_seed: 20_240_117 };
+    pub const FULL: Size = Size { instances: 60, seeds: 16, steps: (100, 1500), base_seed: 20_240_117 };
 }
 
 /// The verdict on one instance.

@@ -203,7 +203,7 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = x.conv2d(self.weight.as_tensor(), self.padding, self.stride, 1, 1)?;
+        let y = crate::ops::conv2d(x, self.weight.as_tensor(), self.stride, self.padding)?;
         match &self.bias {
             Some(b) => y.broadcast_add(&b.as_tensor().reshape((1, (), 1, 1))?),
             None => Ok(y),
@@ -234,23 +234,22 @@ impl BatchNorm2d {
     pub fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
         let shape = (1, c, 1, 1);
-        let (mean, var) = if train {
-            let mean = x.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
-            let var = x.broadcast_sub(&mean)?.sqr()?.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
+        let bias = self.bias.as_tensor().reshape(shape)?;
+        if train {
             // Running statistics, outside the graph.
+            let xd = x.detach();
+            let mean = xd.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
+            let var = xd.broadcast_sub(&mean)?.sqr()?.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
             let count = (n * h * w) as f64;
-            let unbiased = (var.detach().flatten_all()? * (count / (count - 1.0).max(1.0)))?;
-            let rm = ((self.running_mean.as_tensor() * 0.9)? + (mean.detach().flatten_all()? * 0.1)?)?;
+            let unbiased = (var.flatten_all()? * (count / (count - 1.0).max(1.0)))?;
+            let rm = ((self.running_mean.as_tensor() * 0.9)? + (mean.flatten_all()? * 0.1)?)?;
             let rv = ((self.running_var.as_tensor() * 0.9)? + (unbiased * 0.1)?)?;
             self.running_mean.set(&rm)?;
             self.running_var.set(&rv)?;
-            (mean, var)
+            crate::ops::batch_norm_train(x, self.weight.as_tensor())?.broadcast_add(&bias)
         } else {
-            (self.running_mean.as_tensor().reshape(shape)?, self.running_var.as_tensor().reshape(shape)?)
-        };
-        x.broadcast_sub(&mean)?
-            .broadcast_div(&(var + 1e-5)?.sqrt()?)?
-            .broadcast_mul(&self.weight.as_tensor().reshape(shape)?)?
-            .broadcast_add(&self.bias.as_tensor().reshape(shape)?)
+            let (mean, var) = (self.running_mean.as_tensor().reshape(shape)?, self.running_var.as_tensor().reshape(shape)?);
+            x.broadcast_sub(&mean)?.broadcast_div(&(var + 1e-5)?.sqrt()?)?.broadcast_mul(&self.weight.as_tensor().reshape(shape)?)?.broadcast_add(&bias)
+        }
     }
 }

@@ -350,3 +350,399 @@ mod tests {
         close(gf.get(w.as_tensor()).unwrap(), gr.get(w.as_tensor()).unwrap(), 1e-4);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Conv2d (im2col + GEMM, forward and backward)
+
+/// c (m×n, row-major, contiguous) = [c +] a·b, a (m×k) and b (k×n) given as (data, row stride,
+/// column stride). Single-threaded: callers parallelize over images.
+fn gemm_into(m: usize, n: usize, k: usize, c: &mut [f32], accumulate: bool, a: (&[f32], usize, usize), b: (&[f32], usize, usize)) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let last = |rows: usize, cols: usize, (d, rs, cs): (&[f32], usize, usize)| {
+        assert!(rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < d.len(), "gemm operand out of bounds");
+    };
+    last(m, k, a);
+    last(k, n, b);
+    assert!(c.len() >= m * n, "gemm destination too small");
+    // SAFETY: every index the product touches was bounds-checked just above; c does not alias
+    // a or b (distinct borrows).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.0.as_ptr(),
+            a.2 as isize,
+            a.1 as isize,
+            b.0.as_ptr(),
+            b.2 as isize,
+            b.1 as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// Geometry of a convolution.
+#[derive(Clone, Copy, Debug)]
+struct ConvShape {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    o: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+    ho: usize,
+    wo: usize,
+}
+
+impl ConvShape {
+    fn new(x: &[usize], w: &[usize], stride: usize, pad: usize) -> Result<Self> {
+        let (&[n, c, h, wd], &[o, ci, k, k2]) = (x, w) else { candle_core::bail!("conv2d: expected 4-D input and kernel, got {x:?} and {w:?}") };
+        if ci != c || k != k2 {
+            candle_core::bail!("conv2d: kernel {w:?} does not fit input {x:?}");
+        }
+        if h + 2 * pad < k || wd + 2 * pad < k {
+            candle_core::bail!("conv2d: kernel {k} larger than the padded input {x:?}");
+        }
+        Ok(Self { n, c, h, w: wd, o, k, stride, pad, ho: (h + 2 * pad - k) / stride + 1, wo: (wd + 2 * pad - k) / stride + 1 })
+    }
+    fn rows(&self) -> usize {
+        self.c * self.k * self.k
+    }
+    fn positions(&self) -> usize {
+        self.ho * self.wo
+    }
+    /// The (row, position) → input index map, calling `f(row, pos, input_index)` for every
+    /// in-bounds tap of one image.
+    #[inline]
+    fn for_each_tap(&self, mut f: impl FnMut(usize, usize, usize)) {
+        let (s, p) = (self.stride as isize, self.pad as isize);
+        for ch in 0..self.c {
+            for ki in 0..self.k {
+                for kj in 0..self.k {
+                    let row = (ch * self.k + ki) * self.k + kj;
+                    for oy in 0..self.ho {
+                        let iy = oy as isize * s - p + ki as isize;
+                        if iy < 0 || iy >= self.h as isize {
+                            continue;
+                        }
+                        for ox in 0..self.wo {
+                            let ix = ox as isize * s - p + kj as isize;
+                            if ix < 0 || ix >= self.w as isize {
+                                continue;
+                            }
+                            f(row, oy * self.wo + ox, (ch * self.h + iy as usize) * self.w + ix as usize);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    fn im2col(&self, img: &[f32], cols: &mut [f32]) {
+        cols.iter_mut().for_each(|v| *v = 0.0);
+        let p = self.positions();
+        self.for_each_tap(|row, pos, i| cols[row * p + pos] = img[i]);
+    }
+}
+
+/// Images per rayon task in the convolution kernels.
+const IMAGES_PER_TASK: usize = 4;
+
+struct Conv2dOp {
+    stride: usize,
+    pad: usize,
+}
+
+impl CustomOp2 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "conv2d-im2col"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, w) = (f32_slice(xs, xl)?, f32_slice(ws, wl)?);
+        let g = ConvShape::new(xl.dims(), wl.dims(), self.stride, self.pad)?;
+        let (img, out_img) = (g.c * g.h * g.w, g.o * g.positions());
+        let mut out = vec![0f32; g.n * out_img];
+        out.par_chunks_mut(out_img * IMAGES_PER_TASK).zip(x.par_chunks(img * IMAGES_PER_TASK)).for_each(|(o, xi)| {
+            let mut cols = vec![0f32; g.rows() * g.positions()];
+            for (oimg, ximg) in o.chunks_mut(out_img).zip(xi.chunks(img)) {
+                g.im2col(ximg, &mut cols);
+                // out [O, P] = W [O, K] · cols [K, P]
+                gemm_into(g.o, g.positions(), g.rows(), oimg, false, (w, g.rows(), 1), (&cols, g.positions(), 1));
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((g.n, g.o, g.ho, g.wo))))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let op = Conv2dBackward { w: w.contiguous()?, stride: self.stride, pad: self.pad };
+        let packed = x.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &op)?;
+        let (nx, nw) = (x.elem_count(), w.elem_count());
+        Ok((Some(packed.narrow(0, 0, nx)?.reshape(x.shape())?), Some(packed.narrow(0, nx, nw)?.reshape(w.shape())?)))
+    }
+}
+
+/// [dx | dw] of a convolution: per image, dW += dY·colsᵀ and dcols = Wᵀ·dY scattered back
+/// (col2im) into dx; the per-task dW partials are summed in task order (deterministic).
+struct Conv2dBackward {
+    w: Tensor,
+    stride: usize,
+    pad: usize,
+}
+
+impl CustomOp2 for Conv2dBackward {
+    fn name(&self) -> &'static str {
+        "conv2d-im2col-backward"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (wst, wl) = self.w.storage_and_layout();
+        let candle_core::Storage::Cpu(wcpu) = &*wst else { candle_core::bail!("conv2d backward: kernel not on CPU") };
+        let (x, dy, w) = (f32_slice(xs, xl)?, f32_slice(gs, gl)?, f32_slice(wcpu, wl)?);
+        let g = ConvShape::new(xl.dims(), wl.dims(), self.stride, self.pad)?;
+        let (img, out_img, p, kr) = (g.c * g.h * g.w, g.o * g.positions(), g.positions(), g.rows());
+        let mut out = vec![0f32; x.len() + w.len()];
+        let (dx, dw_total) = out.split_at_mut(x.len());
+        let partials: Vec<Vec<f32>> = dx
+            .par_chunks_mut(img * IMAGES_PER_TASK)
+            .zip(x.par_chunks(img * IMAGES_PER_TASK).zip(dy.par_chunks(out_img * IMAGES_PER_TASK)))
+            .map(|(dxi, (xi, dyi))| {
+                let mut dw = vec![0f32; w.len()];
+                let mut cols = vec![0f32; kr * p];
+                let mut dcols = vec![0f32; kr * p];
+                for ((dximg, ximg), dyimg) in dxi.chunks_mut(img).zip(xi.chunks(img)).zip(dyi.chunks(out_img)) {
+                    g.im2col(ximg, &mut cols);
+                    // dW [O, K] += dY [O, P] · colsᵀ [P, K]
+                    gemm_into(g.o, kr, p, &mut dw, true, (dyimg, p, 1), (&cols, 1, p));
+                    // dcols [K, P] = Wᵀ [K, O] · dY [O, P]
+                    gemm_into(kr, p, g.o, &mut dcols, false, (w, 1, kr), (dyimg, p, 1));
+                    g.for_each_tap(|row, pos, i| dximg[i] += dcols[row * p + pos]);
+                }
+                dw
+            })
+            .collect();
+        for part in partials {
+            for (t, v) in dw_total.iter_mut().zip(part) {
+                *t += v;
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from(x.len() + w.len())))
+    }
+}
+
+/// 2-D convolution (NCHW input, (O, C, k, k) kernel), square stride and zero padding.
+pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        x.contiguous()?.apply_op2(&w.contiguous()?, Conv2dOp { stride, pad })
+    } else {
+        x.conv2d(w, pad, stride, 1, 1)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Batch normalization (training mode)
+
+const BN_EPS: f32 = 1e-5;
+
+/// Per channel c of x (N, C, H, W): mean and 1/√(var + ε) over (N, H, W) (biased variance).
+fn channel_stats(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<(f32, f32)> {
+    (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let count = (n * hw) as f64;
+            let mut sum = 0f64;
+            for i in 0..n {
+                sum += x[(i * c + ch) * hw..(i * c + ch + 1) * hw].iter().map(|&v| v as f64).sum::<f64>();
+            }
+            let mean = sum / count;
+            let mut var = 0f64;
+            for i in 0..n {
+                var += x[(i * c + ch) * hw..(i * c + ch + 1) * hw].iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>();
+            }
+            (mean as f32, 1.0 / ((var / count) as f32 + BN_EPS).sqrt())
+        })
+        .collect()
+}
+
+/// y = (x − mean)·rstd·γ (batch statistics; add β separately).
+struct BatchNormOp;
+
+impl CustomOp2 for BatchNormOp {
+    fn name(&self) -> &'static str {
+        "batch-norm-train"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, gamma) = (f32_slice(xs, xl)?, f32_slice(gs, gl)?);
+        let &[n, c, h, w] = xl.dims() else { candle_core::bail!("batch-norm expects NCHW, got {:?}", xl.dims()) };
+        let hw = h * w;
+        let stats = channel_stats(x, n, c, hw);
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(hw).zip(x.par_chunks(hw)).enumerate().for_each(|(plane, (o, xp))| {
+            let ch = plane % c;
+            let (mean, rstd) = stats[ch];
+            let scale = rstd * gamma[ch];
+            for (ov, &xv) in o.iter_mut().zip(xp) {
+                *ov = (xv - mean) * scale;
+            }
+        });
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, gamma: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let packed = x.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &BatchNormBackward { gamma: gamma.contiguous()? })?;
+        let (nx, c) = (x.elem_count(), gamma.elem_count());
+        Ok((Some(packed.narrow(0, 0, nx)?.reshape(x.shape())?), Some(packed.narrow(0, nx, c)?)))
+    }
+}
+
+/// [dx | dγ]: with x̂ = (x − mean)·rstd and M = N·H·W per channel,
+/// dx = γ·rstd·(dy − mean(dy) − x̂·mean(dy·x̂)), dγ = Σ dy·x̂.
+struct BatchNormBackward {
+    gamma: Tensor,
+}
+
+impl CustomOp2 for BatchNormBackward {
+    fn name(&self) -> &'static str {
+        "batch-norm-train-backward"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (gst, gml) = self.gamma.storage_and_layout();
+        let candle_core::Storage::Cpu(gcpu) = &*gst else { candle_core::bail!("batch-norm backward: gamma not on CPU") };
+        let (x, dy, gamma) = (f32_slice(xs, xl)?, f32_slice(gs, gl)?, f32_slice(gcpu, gml)?);
+        let &[n, c, h, w] = xl.dims() else { candle_core::bail!("batch-norm expects NCHW") };
+        let hw = h * w;
+        let stats = channel_stats(x, n, c, hw);
+        // Per channel: Σ dy and Σ dy·x̂.
+        let sums: Vec<(f64, f64)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let (mean, rstd) = stats[ch];
+                let (mut s, mut sx) = (0f64, 0f64);
+                for i in 0..n {
+                    let base = (i * c + ch) * hw;
+                    for j in base..base + hw {
+                        s += dy[j] as f64;
+                        sx += (dy[j] * (x[j] - mean) * rstd) as f64;
+                    }
+                }
+                (s, sx)
+            })
+            .collect();
+        let m = (n * hw) as f64;
+        let mut out = vec![0f32; x.len() + c];
+        let (dx, dgamma) = out.split_at_mut(x.len());
+        dx.par_chunks_mut(hw).enumerate().for_each(|(plane, d)| {
+            let ch = plane % c;
+            let (mean, rstd) = stats[ch];
+            let (mdy, mdyx) = ((sums[ch].0 / m) as f32, (sums[ch].1 / m) as f32);
+            let base = plane * hw;
+            for (j, dv) in d.iter_mut().enumerate() {
+                let xhat = (x[base + j] - mean) * rstd;
+                *dv = gamma[ch] * rstd * (dy[base + j] - mdy - xhat * mdyx);
+            }
+        });
+        for (dg, s) in dgamma.iter_mut().zip(&sums) {
+            *dg = s.1 as f32;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(x.len() + c)))
+    }
+}
+
+/// Batch normalization with batch statistics and gain γ (NCHW); add β separately.
+pub fn batch_norm_train(x: &Tensor, gamma: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        x.contiguous()?.apply_op2(&gamma.contiguous()?, BatchNormOp)
+    } else {
+        let c = gamma.elem_count();
+        let mean = x.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
+        xc.broadcast_div(&(var + BN_EPS as f64)?.sqrt()?)?.broadcast_mul(&gamma.reshape((1, c, 1, 1))?)
+    }
+}
+
+#[cfg(test)]
+mod conv_tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn grads_match(f: impl Fn(&Tensor, &Tensor) -> Tensor, g: impl Fn(&Tensor, &Tensor) -> Tensor, xs: &[usize], ws: &[usize]) {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, xs, &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(0.5f32, 0.3, ws, &dev).unwrap()).unwrap();
+        let (a, b) = (f(x.as_tensor(), w.as_tensor()), g(x.as_tensor(), w.as_tensor()));
+        let r = Tensor::randn(0f32, 1.0, a.shape(), &dev).unwrap();
+        let close = |p: &Tensor, q: &Tensor, what: &str| {
+            let (p, q) = (p.flatten_all().unwrap().to_vec1::<f32>().unwrap(), q.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            for (i, (u, v)) in p.iter().zip(&q).enumerate() {
+                assert!((u - v).abs() <= 2e-4 * (1.0 + v.abs()), "{what}[{i}]: {u} vs {v}");
+            }
+        };
+        close(&a, &b, "forward");
+        let ga = (a * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (b * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        close(ga.get(x.as_tensor()).unwrap(), gb.get(x.as_tensor()).unwrap(), "dx");
+        close(ga.get(w.as_tensor()).unwrap(), gb.get(w.as_tensor()).unwrap(), "dw");
+    }
+
+    #[test]
+    fn conv2d_matches_candle_forward_and_backward() {
+        // Shapes where the strided output tiles the input exactly (candle 0.11's own conv2d
+        // backward returns a wrongly sized input gradient otherwise; see the next test).
+        for (stride, pad, k, hw) in [(1, 1, 3, (9, 8)), (2, 1, 3, (9, 9)), (2, 0, 1, (9, 9)), (1, 0, 3, (9, 8))] {
+            grads_match(|x, w| conv2d(x, w, stride, pad).unwrap(), |x, w| x.conv2d(w, pad, stride, 1, 1).unwrap(), &[5, 3, hw.0, hw.1], &[4, 3, k, k]);
+        }
+    }
+
+    #[test]
+    fn conv2d_input_gradient_is_right_when_the_stride_does_not_tile_the_input() {
+        // Central differences of Σ r ⊙ conv(x) with respect to a few entries of x (8 wide,
+        // stride 2: the last column is read by no window).
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 2, 5, 8), &dev).unwrap()).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (3, 2, 3, 3), &dev).unwrap();
+        let y = conv2d(x.as_tensor(), &w, 2, 1).unwrap();
+        let r = Tensor::randn(0f32, 1.0, y.shape(), &dev).unwrap();
+        let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let dx = g.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(dx.len(), 80);
+        let base = x.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let f = |v: &[f32]| -> f64 {
+            let t = Tensor::from_vec(v.to_vec(), (1, 2, 5, 8), &dev).unwrap();
+            (conv2d(&t, &w, 2, 1).unwrap() * &r).unwrap().sum_all().unwrap().to_dtype(candle_core::DType::F64).unwrap().to_scalar::<f64>().unwrap()
+        };
+        for i in [0, 7, 15, 39, 47, 79] {
+            let (mut a, mut b) = (base.clone(), base.clone());
+            a[i] += 1e-2;
+            b[i] -= 1e-2;
+            let fd = (f(&a) - f(&b)) / 2e-2;
+            assert!((fd - dx[i] as f64).abs() < 1e-2 * (1.0 + fd.abs()), "dx[{i}] {} vs {fd}", dx[i]);
+        }
+    }
+
+    #[test]
+    fn batch_norm_matches_composed_ops() {
+        let reference = |x: &Tensor, g: &Tensor| {
+            let mean = x.mean_keepdim(0).unwrap().mean_keepdim(2).unwrap().mean_keepdim(3).unwrap();
+            let xc = x.broadcast_sub(&mean).unwrap();
+            let var = xc.sqr().unwrap().mean_keepdim(0).unwrap().mean_keepdim(2).unwrap().mean_keepdim(3).unwrap();
+            xc.broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap()).unwrap().broadcast_mul(&g.reshape((1, 4, 1, 1)).unwrap()).unwrap()
+        };
+        grads_match(|x, g| batch_norm_train(x, g).unwrap(), reference, &[6, 4, 5, 3], &[4]);
+    }
+}
