@@ -65,9 +65,9 @@ figures tier="cpu":
 report tier="cpu":
     {{repro}} report {{tier}}
 
-# Train one run from a spec file (JSON or TOML) into a folder; resumes if interrupted.
-train spec out:
-    {{repro}} train {{spec}} --out {{out}}
+# Train one run from a spec file (JSON or TOML) into a folder (add --resume to continue it).
+train spec out *args:
+    {{repro}} train {{spec}} --out {{out}} {{args}}
 
 # Time our Adam step against our MADA step (1M and 16M f32 parameters) and print the ratios.
 bench-optimizer:

@@ -37,3 +37,32 @@ fn every_reference_trace_is_reproduced() {
     }
     eprintln!("{}", report.join("\n"));
 }
+
+/// Bad specs end in one clear error naming the key, the optimizer or the dimension.
+#[test]
+fn bad_specs_are_refused_with_a_clear_error() {
+    let good = std::fs::read_to_string(reference_dir().join("mada_interior.json")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cases: Vec<(String, &str)> = vec![
+        (good.replace("\"steps\"", "\"stepz\""), "stepz"),
+        (good.replace("\"name\": \"mada\"", "\"name\": \"madam\""), "madam"),
+        (good.replace("\"rho\": 0.6", "\"rho\": 1.6"), "rho"),
+        (good.replace("\"gamma\": 0.01", "\"gama\": 0.01"), "gama"),
+        (good.replace("\"lr\": 0.05,", ""), "optimizer.lr"),
+        (good.replacen("-0.10922561189039715", "-0.10922561189039715, 1.0", 1), "x0 has 4 entries"),
+        ("{ not json".to_string(), "invalid trace spec"),
+    ];
+    for (i, (text, needle)) in cases.iter().enumerate() {
+        let spec = dir.path().join(format!("bad{i}.json"));
+        std::fs::write(&spec, text).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_analysis"))
+            .args(["trace", spec.to_str().unwrap(), "--out", dir.path().join("o.csv").to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "case {i} was accepted");
+        assert!(err.contains(needle) && err.contains(&format!("bad{i}.json")), "case {i}: {err}");
+        assert_eq!(err.lines().count(), 1, "case {i}: one line, no panic: {err}");
+        assert!(!dir.path().join("o.csv").exists(), "case {i} left an output");
+    }
+}

@@ -67,12 +67,15 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Train one run from a spec (JSON or TOML); resumes from the folder's checkpoint.
+    /// Train one run from a spec (JSON or TOML) into a folder.
     Train {
         spec: PathBuf,
         /// The run's folder.
         #[arg(long)]
         out: PathBuf,
+        /// Continue the folder's run from its last checkpoint (bit-identically on the CPU).
+        #[arg(long)]
+        resume: bool,
         /// Stop (resumably) after this many updates.
         #[arg(long)]
         pause_after: Option<u64>,
@@ -173,13 +176,20 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}: vocabulary {}, {} train / {} val tokens", out.display(), m.vocab.size(), m.train_tokens, m.val_tokens);
             Ok(())
         }
-        Command::Train { spec, out, pause_after } => {
+        Command::Train { spec, out, resume, pause_after } => {
             let spec = read_spec(&spec)?;
+            let has_checkpoint = out.join("checkpoint/state.json").exists();
+            if has_checkpoint && !resume && !out.join("result.json").exists() {
+                bail!("{} holds an unfinished run; pass --resume to continue it or choose another --out", out.display());
+            }
+            if resume && !has_checkpoint {
+                bail!("--resume: {} has no checkpoint to continue from", out.display());
+            }
             let bar = ProgressBar::new(spec.updates)
                 .with_style(ProgressStyle::with_template("{bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}").expect("template"));
             match train(&spec, &out, &bar, pause_after)? {
                 Some(r) => println!("{}: final eval loss {:.4}, best {:.4} ({} updates, {:.0} items/s)", out.display(), r.final_eval_loss, r.best_eval_loss, r.updates, r.items_per_s),
-                None => println!("{}: paused; run the same command again to continue", out.display()),
+                None => println!("{}: paused; continue with --resume", out.display()),
             }
             Ok(())
         }

@@ -362,6 +362,64 @@ pub fn grid_markdown(g: &[GridSummary]) -> String {
 mod tests {
     use super::*;
 
+    fn run(key: &str, label: &str, seed: u64, final_loss: f64) -> RunData {
+        RunData {
+            label: label.into(),
+            key: key.into(),
+            seed,
+            finished: true,
+            evals: vec![(10.0, 2.0, final_loss + 0.5, f64::NAN), (20.0, 1.0, final_loss, f64::NAN)],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn comparison_pairs_seeds_and_computes_the_gain_ratio() {
+        let toml = r#"
+artifact = "t"
+title = "t"
+paper = "t"
+kind = "training"
+[optimizers.adam]
+label = "Adam"
+spec = { name = "adam" }
+[optimizers.mada]
+label = "MADA"
+spec = { name = "mada" }
+[optimizers.lion]
+label = "Lion"
+spec = { name = "lion" }
+[tiers.cpu]
+optimizers = ["adam", "mada", "lion"]
+seeds = [1]
+"#;
+        let e: Experiment = toml::from_str(toml).unwrap();
+        let runs = vec![
+            run("adam", "Adam", 1, 3.0),
+            run("adam", "Adam", 2, 3.2),
+            run("adam", "Adam", 3, 3.1),
+            run("mada", "MADA", 1, 2.9),
+            run("mada", "MADA", 2, 3.0),
+            run("mada", "MADA", 3, 2.95),
+            run("lion", "Lion", 1, 3.05),
+        ];
+        let t = comparison(&e, &runs);
+        assert_eq!(t.rows.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(), ["adam", "mada", "lion"]);
+        let mada = &t.rows[1];
+        assert!((mada.final_metric.mean - 2.95).abs() < 1e-12);
+        // Paired differences (−0.1, −0.2, −0.15): mean −0.15, sd 0.05, t_{0.975,2} = 4.3027.
+        let d = mada.diff_vs_adam.unwrap();
+        assert!((d.mean + 0.15).abs() < 1e-12 && (d.hi - (-0.15 + 4.302653 * 0.05 / 3f64.sqrt())).abs() < 1e-5, "{d:?}");
+        assert!((mada.best_metric.mean - 2.95).abs() < 1e-12);
+        // Gains over Adam (3.1): MADA 0.15, Lion 0.05 → ratio 3.
+        assert!((t.rows[2].mada_gain_ratio.unwrap() - 3.0).abs() < 1e-9);
+        assert!((t.mada_gain_vs_others.unwrap() - 3.0).abs() < 1e-9);
+        let md = t.markdown();
+        assert!(md.contains("| MADA | 3 | 2.9500 ± 0.0500") && md.contains("3.00"), "{md}");
+        assert!(t.latex().starts_with("\\begin{tabular}"));
+        assert_eq!(t.dataframe().unwrap().height(), 3);
+    }
+
     #[test]
     fn t_interval_matches_the_textbook() {
         let s = stat(&[1.0, 2.0, 3.0, 4.0, 5.0]);
