@@ -176,6 +176,25 @@ impl Logistic {
     }
 }
 
+/// (1/n) Σ_i φ(x_iᵀw, y_i) for a linear model with per-example loss φ.
+fn glm_value(x: &DMatrix<f64>, y: &[f64], w: &[f64], phi: impl Fn(f64, f64) -> f64) -> f64 {
+    let n = x.nrows();
+    (0..n).map(|i| phi((0..w.len()).map(|j| x[(i, j)] * w[j]).sum(), y[i])).sum::<f64>() / n as f64
+}
+
+/// Its gradient (1/n) Σ_i φ'(x_iᵀw, y_i)·x_i, given φ' = ∂φ/∂z.
+fn glm_grad(x: &DMatrix<f64>, y: &[f64], w: &[f64], dphi: impl Fn(f64, f64) -> f64) -> Vec<f64> {
+    let (n, d) = (x.nrows(), x.ncols());
+    let mut g = vec![0.0; d];
+    for i in 0..n {
+        let coef = dphi((0..d).map(|j| x[(i, j)] * w[j]).sum(), y[i]) / n as f64;
+        for (j, gj) in g.iter_mut().enumerate() {
+            *gj += coef * x[(i, j)];
+        }
+    }
+    g
+}
+
 fn log1p_exp(z: f64) -> f64 {
     if z > 0.0 {
         z + (-z).exp().ln_1p()
@@ -201,26 +220,10 @@ impl Objective for Logistic {
         self.x.ncols()
     }
     fn value(&self, w: &[f64]) -> f64 {
-        let n = self.x.nrows();
-        (0..n)
-            .map(|i| {
-                let s: f64 = (0..w.len()).map(|j| self.x[(i, j)] * w[j]).sum();
-                log1p_exp(-self.y[i] * s)
-            })
-            .sum::<f64>()
-            / n as f64
+        glm_value(&self.x, &self.y, w, |z, y| log1p_exp(-y * z))
     }
     fn grad(&self, w: &[f64]) -> Vec<f64> {
-        let (n, d) = (self.x.nrows(), self.x.ncols());
-        let mut g = vec![0.0; d];
-        for i in 0..n {
-            let s: f64 = (0..d).map(|j| self.x[(i, j)] * w[j]).sum();
-            let coef = -self.y[i] * sigmoid(-self.y[i] * s) / n as f64;
-            for j in 0..d {
-                g[j] += coef * self.x[(i, j)];
-            }
-        }
-        g
+        glm_grad(&self.x, &self.y, w, |z, y| -y * sigmoid(-y * z))
     }
     fn constants(&self) -> Constants {
         let n = self.x.nrows() as f64;
@@ -306,26 +309,10 @@ impl Objective for RobustRegression {
         self.x.ncols()
     }
     fn value(&self, w: &[f64]) -> f64 {
-        let n = self.x.nrows();
-        (0..n)
-            .map(|i| {
-                let r: f64 = (0..w.len()).map(|j| self.x[(i, j)] * w[j]).sum::<f64>() - self.y[i];
-                (r * r).ln_1p()
-            })
-            .sum::<f64>()
-            / n as f64
+        glm_value(&self.x, &self.y, w, |z, y| ((z - y) * (z - y)).ln_1p())
     }
     fn grad(&self, w: &[f64]) -> Vec<f64> {
-        let (n, d) = (self.x.nrows(), self.x.ncols());
-        let mut g = vec![0.0; d];
-        for i in 0..n {
-            let r: f64 = (0..d).map(|j| self.x[(i, j)] * w[j]).sum::<f64>() - self.y[i];
-            let coef = 2.0 * r / (1.0 + r * r) / n as f64;
-            for j in 0..d {
-                g[j] += coef * self.x[(i, j)];
-            }
-        }
-        g
+        glm_grad(&self.x, &self.y, w, |z, y| 2.0 * (z - y) / (1.0 + (z - y) * (z - y)))
     }
     fn constants(&self) -> Constants {
         let n = self.x.nrows() as f64;

@@ -115,6 +115,22 @@ impl MadaSpec {
     }
 }
 
+/// `each_variant!(value, o => expr)`: `expr` with `o` bound to the optimizer inside any variant.
+macro_rules! each_variant {
+    ($v:expr, $o:ident => $e:expr) => {
+        match $v {
+            AnyOptimizer::Sgd($o) => $e,
+            AnyOptimizer::Adam($o) => $e,
+            AnyOptimizer::AmsGrad($o) => $e,
+            AnyOptimizer::AvGrad($o) => $e,
+            AnyOptimizer::Yogi($o) => $e,
+            AnyOptimizer::Adan($o) => $e,
+            AnyOptimizer::Lion($o) => $e,
+            AnyOptimizer::Mada($o) => $e,
+        }
+    };
+}
+
 /// Any optimizer of this crate, chosen at run time (and saved with serde as one value).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(bound(serialize = "T: Float", deserialize = "T: Float"))]
@@ -161,29 +177,11 @@ impl<T: Float> AnyOptimizer<T> {
     }
 
     fn inner(&self) -> &dyn Optimizer<T> {
-        match self {
-            Self::Sgd(o) => o,
-            Self::Adam(o) => o,
-            Self::AmsGrad(o) => o,
-            Self::AvGrad(o) => o,
-            Self::Yogi(o) => o,
-            Self::Adan(o) => o,
-            Self::Lion(o) => o,
-            Self::Mada(o) => o,
-        }
+        each_variant!(self, o => o)
     }
 
     fn inner_mut(&mut self) -> &mut dyn Optimizer<T> {
-        match self {
-            Self::Sgd(o) => o,
-            Self::Adam(o) => o,
-            Self::AmsGrad(o) => o,
-            Self::AvGrad(o) => o,
-            Self::Yogi(o) => o,
-            Self::Adan(o) => o,
-            Self::Lion(o) => o,
-            Self::Mada(o) => o,
-        }
+        each_variant!(self, o => o)
     }
 }
 
