@@ -54,13 +54,19 @@ pub struct NonconvexConstants {
 /// Which quantity a bound controls, and how its value is obtained.
 pub enum Form {
     /// E‖∇F(x_τ)‖² ≤ value(constants, settings), τ drawn by `tau_weights`.
-    Nonconvex { covers: Covers<NonconvexSettings>, value: Box<dyn Fn(&NonconvexConstants, &NonconvexSettings) -> f64 + Send + Sync> },
+    Nonconvex { covers: Covers<NonconvexSettings>, value: NonconvexValue },
     /// E‖∇F(x_τ)‖² ≤ E[value(constants, settings, run)] (τ uniform): a bound with a
     /// trajectory-dependent term whose expectation is estimated from the same runs.
     NonconvexSemi { covers: Covers<NonconvexSettings>, value: fn(&NonconvexConstants, &NonconvexSettings, &NonconvexRun) -> f64 },
     /// R_T ≤ value(settings, run, T, D∞) for every sequence (deterministic).
-    Regret { covers: Covers<RegretSettings>, value: Box<dyn Fn(&RegretSettings, &RegretRun, f64, f64) -> f64 + Send + Sync> },
+    Regret { covers: Covers<RegretSettings>, value: RegretValue },
 }
+
+/// A nonconvex bound's value from the problem constants and the settings.
+pub type NonconvexValue = Box<dyn Fn(&NonconvexConstants, &NonconvexSettings) -> f64 + Send + Sync>;
+
+/// A regret bound's value from the settings, the run, T and D∞.
+pub type RegretValue = Box<dyn Fn(&RegretSettings, &RegretRun, f64, f64) -> f64 + Send + Sync>;
 
 /// Which settings (algorithm and parameters) a bound covers.
 pub type Covers<S> = Box<dyn Fn(&S) -> bool + Send + Sync>;

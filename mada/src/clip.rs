@@ -45,21 +45,21 @@ mod tests {
 
     #[test]
     fn clipping_scales_to_max_norm() {
-        let mut a = vec![3.0f64, 0.0];
-        let mut b = vec![0.0f64, 4.0];
+        let mut a = [3.0f64, 0.0];
+        let mut b = [0.0f64, 4.0];
         let n = clip_grad_norm(&mut [&mut a[..], &mut b[..]], 1.0);
         assert_eq!(n, 5.0);
         let after = global_norm(&[&a[..], &b[..]]);
         assert!((after - 5.0 / (5.0 + 1e-6)).abs() < 1e-12);
         // below the threshold: untouched
-        let mut c = vec![0.1f64];
+        let mut c = [0.1f64];
         assert_eq!(clip_grad_norm(&mut [&mut c[..]], 1.0), 0.1);
         assert_eq!(c[0], 0.1);
     }
 
     #[test]
     fn non_finite_norm_is_reported_not_applied() {
-        let mut a = vec![f32::NAN, 1.0];
+        let mut a = [f32::NAN, 1.0];
         assert!(clip_grad_norm(&mut [&mut a[..]], 1.0).is_nan());
         assert_eq!(a[1], 1.0);
     }

@@ -58,6 +58,10 @@ impl<S> Default for TensorStates<S> {
 pub trait TensorState {
     /// Number of parameter elements the state was created for.
     fn len(&self) -> usize;
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl<S: TensorState> TensorStates<S> {

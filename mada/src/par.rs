@@ -14,6 +14,9 @@ pub const PAR_MIN_LEN: usize = 1 << 16;
 pub trait Split: Sized + Send {
     /// Number of elements (of the first slice; all have the same length).
     fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// Cut at `mid`.
     fn split_at(self, mid: usize) -> (Self, Self);
 }

@@ -132,6 +132,8 @@ macro_rules! each_variant {
 }
 
 /// Any optimizer of this crate, chosen at run time (and saved with serde as one value).
+/// (One value per model: the size difference between variants does not matter.)
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(bound(serialize = "T: Float", deserialize = "T: Float"))]
 pub enum AnyOptimizer<T> {

@@ -150,11 +150,11 @@ fn f32_runs_track_f64_runs() {
 #[test]
 fn wrong_shapes_are_errors_not_panics() {
     let mut opt = Mada::<f64>::new(MadaConfig::default(), HyperConfig::mada([1e-3; 6]), Coefficients::default()).unwrap();
-    let mut x = vec![1.0, 2.0];
+    let mut x = [1.0, 2.0];
     let e = opt.step(&mut [&mut x[..]], &[&[1.0][..]], 0.1).unwrap_err().to_string();
     assert!(e.contains("tensor 0") && e.contains("2 elements"), "{e}");
     opt.step(&mut [&mut x[..]], &[&[1.0, 1.0][..]], 0.1).unwrap();
-    let mut y = vec![1.0, 2.0, 3.0];
+    let mut y = [1.0, 2.0, 3.0];
     let e = opt.step(&mut [&mut y[..]], &[&[1.0, 1.0, 1.0][..]], 0.1).unwrap_err().to_string();
     assert!(e.contains("created for 2"), "{e}");
     let e = opt.step(&mut [&mut x[..]], &[], 0.1).unwrap_err().to_string();

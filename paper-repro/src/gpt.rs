@@ -58,7 +58,7 @@ impl GptConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        if self.n_embd % self.n_head != 0 {
+        if !self.n_embd.is_multiple_of(self.n_head) {
             bail!("n_embd = {} is not divisible by n_head = {}", self.n_embd, self.n_head);
         }
         if !(0.0..1.0).contains(&self.dropout) {
@@ -279,7 +279,7 @@ mod tests {
         let path = dir.path().join("model.safetensors");
         candle_core::safetensors::save(&map, &path).unwrap();
 
-        assert_eq!(hf_config(&path).unwrap_err().to_string().contains("n_embd 8"), true);
+        assert!(hf_config(&path).unwrap_err().to_string().contains("n_embd 8"));
         let m = Gpt::new(cfg, &dev, 0).unwrap();
         m.load_hf_safetensors(&path).unwrap();
         let ours = m.params.params().iter().find(|(n, _)| n == "transformer.h.1.mlp.c_fc.weight").unwrap().1.as_tensor().clone();

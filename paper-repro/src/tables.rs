@@ -176,7 +176,7 @@ pub fn comparison(e: &Experiment, runs: &[RunData]) -> Table {
     let gain = |k: &str| -> Option<f64> {
         let a = stat(&adam.values().cloned().collect::<Vec<_>>()).mean;
         let x = stat(&finals(k).values().cloned().collect::<Vec<_>>()).mean;
-        (a.is_finite() && x.is_finite()).then(|| sign * (x - a))
+        (a.is_finite() && x.is_finite()).then_some(sign * (x - a))
     };
     let mada_gain = gain(MADA);
     // The order the tiers list the optimizers in, then any other key with runs.

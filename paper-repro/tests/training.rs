@@ -116,7 +116,7 @@ fn vision_runs_on_idx_files_and_report_accuracy() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("idx");
     // Two easy classes: bright top half vs bright bottom half.
-    let pixel = |i: usize, y: usize, _x: usize| if (i % 2 == 0) == (y < 6) { 220 } else { 20 };
+    let pixel = |i: usize, y: usize, _x: usize| if i.is_multiple_of(2) == (y < 6) { 220 } else { 20 };
     write_idx_pair(&data, "train", 64, 12, 12, true, pixel, |i| (i % 2) as u8).unwrap();
     write_idx_pair(&data, "t10k", 32, 12, 12, true, pixel, |i| (i % 2) as u8).unwrap();
     let spec = RunSpec {

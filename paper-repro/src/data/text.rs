@@ -243,7 +243,7 @@ mod tests {
     fn char_prepare_round_trips_and_batches_are_reproducible() {
         let dir = tempfile::tempdir().unwrap();
         let text = "To be, or not to be, that is the question.\n".repeat(40);
-        let meta = prepare(&[text.clone()], Tokenizer::Char, dir.path(), "test").unwrap();
+        let meta = prepare(std::slice::from_ref(&text), Tokenizer::Char, dir.path(), "test").unwrap();
         let c = Corpus::open(dir.path()).unwrap();
         assert_eq!(c.meta, meta);
         let all: Vec<u32> = (0..c.train.len()).map(|i| c.train.token(i)).chain((0..c.val.len()).map(|i| c.val.token(i))).collect();

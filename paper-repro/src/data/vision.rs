@@ -240,6 +240,7 @@ impl VisionData {
 }
 
 /// Write a small IDX pair (for tests and the smoke tier): `n` images of `h × w` from `pixel`.
+#[allow(clippy::too_many_arguments)]
 pub fn write_idx_pair(dir: &Path, split: &str, n: usize, h: usize, w: usize, gz: bool, pixel: impl Fn(usize, usize, usize) -> u8, label: impl Fn(usize) -> u8) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let mut img = vec![0, 0, 8, 3];
