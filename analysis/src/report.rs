@@ -262,9 +262,10 @@ pub fn reddi_outputs(out: &Path, steps: u64, every: u64) -> Result<String> {
     ];
     save(&out.join("reddi"), &panels, 3, (520, 380))?;
     let mut md = format!("# Reddi et al. counterexample ({steps} steps, lr 1e-3)\n\n| optimizer | final x_T | final R_T/T | final ρ | final β3 | final c |\n|---|---|---|---|---|---|\n");
+    let cell = |v: f64| if v.is_finite() { format!("{v:.4}") } else { "–".into() };
     for t in &trs {
         let i = t.t.len() - 1;
-        let _ = writeln!(md, "| {} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} |", t.name, t.x[i], t.avg_regret[i], t.rho[i], t.beta3[i], t.c[i]);
+        let _ = writeln!(md, "| {} | {} | {} | {} | {} | {} |", t.name, cell(t.x[i]), cell(t.avg_regret[i]), cell(t.rho[i]), cell(t.beta3[i]), cell(t.c[i]));
     }
     write_atomically(&out.join("reddi.md"), md.as_bytes())?;
     Ok(md)
