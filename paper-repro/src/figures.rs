@@ -103,14 +103,17 @@ pub fn training_figures(e: &Experiment, runs: &[RunData], dir: &Path) -> Result<
 }
 
 /// `<dir>/<artifact>_grid.{svg,png}`: one heat map per optimizer of the final train loss over
-/// the initial (β1, β2), on a shared colour range (the official plot clips at 0.8; we use the
-/// range of the values).
+/// the initial (β1, β2), on a shared colour range clipped at the 90th percentile of all cells.
 pub fn grid_figure(e: &Experiment, grids: &[GridSummary], dir: &Path) -> Result<Vec<PathBuf>> {
     if grids.is_empty() {
         return Ok(Vec::new());
     }
-    let lo = grids.iter().map(|g| g.min).fold(f64::INFINITY, f64::min);
-    let hi = grids.iter().map(|g| g.max).fold(f64::NEG_INFINITY, f64::max);
+    // Like the official plot (values above 0.8 drawn at 0.8), the colour scale stops at a
+    // high quantile so that one diverged point does not flatten the rest; cells print values.
+    let mut all: Vec<f64> = grids.iter().flat_map(|g| g.points.iter().map(|p| p.1)).filter(|v| v.is_finite()).collect();
+    all.sort_by(f64::total_cmp);
+    let lo = all.first().copied().unwrap_or(0.0);
+    let hi = all.get((all.len() * 9) / 10).copied().unwrap_or(1.0).max(lo + 1e-9);
     let panels: Vec<Panel> = grids
         .iter()
         .map(|g| {
