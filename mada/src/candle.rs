@@ -24,7 +24,7 @@
 use std::cell::RefCell;
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, DType, Device, Layout, Storage, Tensor, Var, WithDType};
+use candle_core::{CpuStorage, Device, Layout, Storage, Tensor, Var, WithDType};
 
 use crate::{Float, Mada, OptimError, Optimizer};
 
@@ -222,10 +222,6 @@ impl<T: CandleFloat, O: Optimizer<T>> VarOptimizer<T, O> {
         Self::with_slices(&host, |slices| opt.prepare(slices))?.map_err(err)
     }
 
-    /// The element type's dtype is the variables' dtype.
-    pub fn dtype(&self) -> DType {
-        T::DTYPE
-    }
 
     /// Update every variable that has a gradient, without [`prepare`](Self::prepare).
     pub fn update(&mut self, grads: &GradStore) -> candle_core::Result<()> {

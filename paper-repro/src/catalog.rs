@@ -89,9 +89,6 @@ pub struct Tier {
     pub steps: Option<u64>,
     #[serde(default)]
     pub quick: Option<bool>,
-    /// Runs of other experiments this tier starts from (for the report).
-    #[serde(default)]
-    pub depends_on: Vec<String>,
     /// Overrides the hyper-optimizer warm-up (`hyper.start`) of every MADA-family optimizer
     /// at this tier (short runs cannot wait the paper's 50 updates).
     #[serde(default)]

@@ -26,7 +26,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
 use indicatif::ProgressBar;
 use mada::candle::VarOptimizer;
-use mada::{AnyOptimizer, Coef, Optimizer};
+use mada::{AnyOptimizer, Optimizer};
 use serde::{Deserialize, Serialize};
 
 use analysis::io::write_atomically;
@@ -601,9 +601,4 @@ fn train_inner(spec: &RunSpec, run: &RunDir, id: &str, bar: &ProgressBar, pause_
     };
     write_atomically(&run.result(), serde_json::to_string_pretty(&result)?.as_bytes())?;
     Ok(Some(result))
-}
-
-/// The coefficient names in log order (for tables and figures).
-pub fn coefficient_names() -> [&'static str; 6] {
-    Coef::ALL.map(|c| c.name())
 }
