@@ -137,10 +137,13 @@ impl Workload {
                 // k mod n of the permutation of epoch k / n.
                 let n = train.len();
                 let first = ((step * grad_accum + micro) as usize) * batch;
+                let mut order = (usize::MAX, Vec::new());
                 let idx: Vec<usize> = (first..first + batch)
                     .map(|k| {
-                        let order = epoch_order(n, *seed, (k / n) as u64);
-                        order[k % n]
+                        if order.0 != k / n {
+                            order = (k / n, epoch_order(n, *seed, (k / n) as u64));
+                        }
+                        order.1[k % n]
                     })
                     .collect();
                 let mut rng = rand::SeedableRng::seed_from_u64(seed ^ (step << 8) ^ micro);
