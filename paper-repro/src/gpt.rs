@@ -130,16 +130,20 @@ impl Gpt {
     }
 
     fn attention(&self, blk: &Block, x: &Tensor, train: bool) -> Result<Tensor> {
-        let (b, t, c) = x.dims3()?;
-        let (nh, hs) = (self.config.n_head, c / self.config.n_head);
+        let t = x.dim(1)?;
         let qkv = blk.c_attn.forward(x)?;
-        let heads = |k: usize| -> Result<Tensor> { Ok(qkv.narrow(D::Minus1, k * c, c)?.reshape((b, t, nh, hs))?.transpose(1, 2)?.contiguous()?) };
-        let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
-        let scale = 1.0 / (hs as f64).sqrt();
-        let mask = self.mask.narrow(0, 0, t)?.narrow(1, 0, t)?;
-        let att = crate::ops::causal_softmax(&q.matmul(&k.t()?)?, scale, &mask)?;
-        let att = self.dropout(att, train)?;
-        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
+        let y = if train && self.config.dropout > 0.0 {
+            // Attention dropout needs the probabilities as a tensor: the composed path.
+            let (b, _, c) = x.dims3()?;
+            let (nh, hs) = (self.config.n_head, c / self.config.n_head);
+            let heads = |k: usize| -> Result<Tensor> { Ok(qkv.narrow(D::Minus1, k * c, c)?.reshape((b, t, nh, hs))?.transpose(1, 2)?.contiguous()?) };
+            let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
+            let mask = self.mask.narrow(0, 0, t)?.narrow(1, 0, t)?;
+            let att = crate::ops::causal_softmax(&q.matmul(&k.t()?)?, 1.0 / (hs as f64).sqrt(), &mask)?;
+            self.dropout(att, train)?.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?
+        } else {
+            crate::ops::causal_self_attention(&qkv, self.config.n_head, &self.mask.narrow(0, 0, t)?.narrow(1, 0, t)?)?
+        };
         self.dropout(blk.attn_proj.forward(&y)?, train)
     }
 

@@ -355,8 +355,14 @@ mod tests {
 // Conv2d (im2col + GEMM, forward and backward)
 
 /// c (m×n, row-major, contiguous) = [c +] a·b, a (m×k) and b (k×n) given as (data, row stride,
-/// column stride). Single-threaded: callers parallelize over images.
+/// column stride). Single-threaded: callers parallelize over images or heads.
 fn gemm_into(m: usize, n: usize, k: usize, c: &mut [f32], accumulate: bool, a: (&[f32], usize, usize), b: (&[f32], usize, usize)) {
+    gemm_strided(m, n, k, (c, n), accumulate, 1.0, a, b)
+}
+
+/// c = [c +] scale·a·b with c given as (data, row stride) (unit column stride).
+#[allow(clippy::too_many_arguments)]
+fn gemm_strided(m: usize, n: usize, k: usize, c: (&mut [f32], usize), accumulate: bool, scale: f32, a: (&[f32], usize, usize), b: (&[f32], usize, usize)) {
     if m == 0 || n == 0 {
         return;
     }
@@ -365,7 +371,7 @@ fn gemm_into(m: usize, n: usize, k: usize, c: &mut [f32], accumulate: bool, a: (
     };
     last(m, k, a);
     last(k, n, b);
-    assert!(c.len() >= m * n, "gemm destination too small");
+    assert!((m - 1) * c.1 + n <= c.0.len(), "gemm destination too small");
     // SAFETY: every index the product touches was bounds-checked just above; c does not alias
     // a or b (distinct borrows).
     unsafe {
@@ -373,9 +379,9 @@ fn gemm_into(m: usize, n: usize, k: usize, c: &mut [f32], accumulate: bool, a: (
             m,
             n,
             k,
-            c.as_mut_ptr(),
+            c.0.as_mut_ptr(),
             1,
-            n as isize,
+            c.1 as isize,
             accumulate,
             a.0.as_ptr(),
             a.2 as isize,
@@ -384,13 +390,137 @@ fn gemm_into(m: usize, n: usize, k: usize, c: &mut [f32], accumulate: bool, a: (
             b.2 as isize,
             b.1 as isize,
             1.0,
-            1.0,
+            scale,
             false,
             false,
             false,
             gemm::Parallelism::None,
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Causal self-attention on the packed projection (B, T, 3C) → (B, T, C)
+
+/// softmax over columns 0..=i of every row i of a T×T block, in place (masked entries 0).
+fn causal_softmax_rows(s: &mut [f32], t: usize) {
+    for (i, row) in s.chunks_mut(t).enumerate() {
+        let live = &mut row[..=i];
+        let max = live.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let mut sum = 0f32;
+        for v in live.iter_mut() {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        live.iter_mut().for_each(|v| *v *= inv);
+        row[i + 1..].iter_mut().for_each(|v| *v = 0.0);
+    }
+}
+
+/// y = softmax(q·kᵀ/√hs + causal mask)·v per head, reading q, k, v straight out of the packed
+/// projection (no transposes) and writing heads side by side; the T×T attention matrix never
+/// becomes a tensor (recomputed in the backward pass).
+struct CausalAttention {
+    heads: usize,
+}
+
+impl CausalAttention {
+    fn dims(&self, l: &Layout) -> Result<(usize, usize, usize, usize)> {
+        let &[b, t, c3] = l.dims() else { candle_core::bail!("attention expects (B, T, 3C), got {:?}", l.dims()) };
+        if c3 % (3 * self.heads) != 0 {
+            candle_core::bail!("attention: {c3} is not 3 × heads × head size");
+        }
+        Ok((b, t, c3 / 3, c3 / 3 / self.heads))
+    }
+
+    /// Scores of head h of one sequence (qkv slab [T, 3C]) into `s` (T×T), softmaxed.
+    fn probabilities(&self, qkv: &[f32], t: usize, c: usize, hs: usize, h: usize, s: &mut [f32]) {
+        let scale = 1.0 / (hs as f32).sqrt();
+        let (q, k) = (&qkv[h * hs..], &qkv[c + h * hs..]);
+        gemm_strided(t, t, hs, (s, t), false, scale, (q, 3 * c, 1), (k, 1, 3 * c));
+        causal_softmax_rows(s, t);
+    }
+}
+
+impl CustomOp1 for CausalAttention {
+    fn name(&self) -> &'static str {
+        "causal-self-attention"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let qkv = f32_slice(st, l)?;
+        let (b, t, c, hs) = self.dims(l)?;
+        let mut out = vec![0f32; b * t * c];
+        out.par_chunks_mut(t * c).zip(qkv.par_chunks(t * 3 * c)).for_each(|(y, x)| {
+            let mut p = vec![0f32; t * t];
+            for h in 0..self.heads {
+                self.probabilities(x, t, c, hs, h, &mut p);
+                // y_h [T, hs] (row stride C) = P [T, T] · v_h [T, hs] (row stride 3C)
+                gemm_strided(t, hs, t, (&mut y[h * hs..], c), false, 1.0, (&p, t, 1), (&x[2 * c + h * hs..], 3 * c, 1));
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((b, t, c))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(arg.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &CausalAttentionBackward { heads: self.heads })?))
+    }
+}
+
+/// d(qkv) from dy: per head, with P recomputed, dV = Pᵀ·dY, dP = dY·Vᵀ,
+/// dS = P ⊙ (dP − rowsum(dP ⊙ P))/√hs, dQ = dS·K, dK = dSᵀ·Q.
+struct CausalAttentionBackward {
+    heads: usize,
+}
+
+impl CustomOp2 for CausalAttentionBackward {
+    fn name(&self) -> &'static str {
+        "causal-self-attention-backward"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let fwd = CausalAttention { heads: self.heads };
+        let (qkv, dy) = (f32_slice(xs, xl)?, f32_slice(gs, gl)?);
+        let (_, t, c, hs) = fwd.dims(xl)?;
+        let scale = 1.0 / (hs as f32).sqrt();
+        let mut out = vec![0f32; qkv.len()];
+        out.par_chunks_mut(t * 3 * c).zip(qkv.par_chunks(t * 3 * c).zip(dy.par_chunks(t * c))).for_each(|(dx, (x, g))| {
+            let (mut p, mut dp) = (vec![0f32; t * t], vec![0f32; t * t]);
+            for h in 0..self.heads {
+                let (qo, ko, vo, yo) = (h * hs, c + h * hs, 2 * c + h * hs, h * hs);
+                fwd.probabilities(x, t, c, hs, h, &mut p);
+                // dV_h = Pᵀ · dY_h
+                gemm_strided(t, hs, t, (&mut dx[vo..], 3 * c), false, 1.0, (&p, 1, t), (&g[yo..], c, 1));
+                // dP = dY_h · V_hᵀ
+                gemm_strided(t, t, hs, (&mut dp, t), false, 1.0, (&g[yo..], c, 1), (&x[vo..], 1, 3 * c));
+                for (prow, dprow) in p.chunks(t).zip(dp.chunks_mut(t)) {
+                    let dot: f32 = prow.iter().zip(dprow.iter()).map(|(a, b)| a * b).sum();
+                    for (d, &pv) in dprow.iter_mut().zip(prow) {
+                        *d = pv * (*d - dot) * scale;
+                    }
+                }
+                // dQ_h = dS · K_h, dK_h = dSᵀ · Q_h
+                gemm_strided(t, hs, t, (&mut dx[qo..], 3 * c), false, 1.0, (&dp, t, 1), (&x[ko..], 3 * c, 1));
+                gemm_strided(t, hs, t, (&mut dx[ko..], 3 * c), false, 1.0, (&dp, 1, t), (&x[qo..], 3 * c, 1));
+            }
+        });
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+}
+
+/// Causal multi-head self-attention from the packed q|k|v projection (B, T, 3C) to (B, T, C)
+/// (heads side by side), as nanoGPT's `CausalSelfAttention` between its two linear layers.
+pub fn causal_self_attention(qkv: &Tensor, heads: usize, mask: &Tensor) -> Result<Tensor> {
+    if qkv.device().is_cpu() && qkv.dtype() == candle_core::DType::F32 {
+        return qkv.contiguous()?.apply_op1(CausalAttention { heads });
+    }
+    let (b, t, c3) = qkv.dims3()?;
+    let (c, hs) = (c3 / 3, c3 / 3 / heads);
+    let split = |k: usize| qkv.narrow(D::Minus1, k * c, c)?.reshape((b, t, heads, hs))?.transpose(1, 2)?.contiguous();
+    let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+    let att = causal_softmax(&q.matmul(&k.t()?)?, 1.0 / (hs as f64).sqrt(), mask)?;
+    att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))
 }
 
 /// Geometry of a convolution.
@@ -698,6 +828,32 @@ mod conv_tests {
         let gb = (b * &r).unwrap().sum_all().unwrap().backward().unwrap();
         close(ga.get(x.as_tensor()).unwrap(), gb.get(x.as_tensor()).unwrap(), "dx");
         close(ga.get(w.as_tensor()).unwrap(), gb.get(w.as_tensor()).unwrap(), "dw");
+    }
+
+    #[test]
+    fn fused_attention_matches_the_composed_heads() {
+        let dev = Device::Cpu;
+        let (b, t, c, heads) = (2, 7, 12, 3);
+        let mask: Vec<f32> = (0..t * t).map(|k| if k % t > k / t { f32::NEG_INFINITY } else { 0.0 }).collect();
+        let mask = Tensor::from_vec(mask, (t, t), &dev).unwrap();
+        let composed = |qkv: &Tensor| {
+            let hs = c / heads;
+            let split = |k: usize| qkv.narrow(2, k * c, c).unwrap().reshape((b, t, heads, hs)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+            let (q, k, v) = (split(0), split(1), split(2));
+            let att = candle_nn::ops::softmax(&(q.matmul(&k.t().unwrap()).unwrap() / (hs as f64).sqrt()).unwrap().broadcast_add(&mask).unwrap(), D::Minus1).unwrap();
+            att.matmul(&v).unwrap().transpose(1, 2).unwrap().reshape((b, t, c)).unwrap()
+        };
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, t, 3 * c), &dev).unwrap()).unwrap();
+        let r = Tensor::randn(0f32, 1.0, (b, t, c), &dev).unwrap();
+        let (yf, yr) = (causal_self_attention(x.as_tensor(), heads, &mask).unwrap(), composed(x.as_tensor()));
+        let close = |p: &Tensor, q: &Tensor| {
+            let (p, q) = (p.flatten_all().unwrap().to_vec1::<f32>().unwrap(), q.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            assert!(p.iter().zip(&q).all(|(u, v)| (u - v).abs() <= 1e-4 * (1.0 + v.abs())), "{p:?}\nvs\n{q:?}");
+        };
+        close(&yf, &yr);
+        let gf = (yf * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gr = (yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        close(gf.get(x.as_tensor()).unwrap(), gr.get(x.as_tensor()).unwrap());
     }
 
     #[test]
