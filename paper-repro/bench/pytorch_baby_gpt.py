@@ -68,6 +68,17 @@ def main():
         opt.step()
         times.append(time.perf_counter() - t0)
     best = sorted(times[1:])[len(times[1:]) // 2]
+    # The forward matrix products of one layer at batch 8 x 256, as `paper-repro bench` times them.
+    shapes = [(2048, 384, 1152), (2048, 384, 384), (2048, 384, 1536), (2048, 1536, 384)]
+    pairs = [(torch.randn(m, k), torch.randn(k, n)) for m, k, n in shapes]
+    flops = sum(2 * m * k * n for m, k, n in shapes)
+    rates = []
+    for _ in range(21):
+        t0 = time.perf_counter()
+        for a, b in pairs:
+            a @ b
+        rates.append(flops / (time.perf_counter() - t0) / 1e9)
+    print(f"matmul GFLOP/s (baby-gpt layer shapes): {sorted(rates[1:])[10]:.0f}")
     print(f"pytorch {torch.__version__} threads={torch.get_num_threads()} batch={batch}: "
           f"baby-gpt tokens/s (adamw): {batch * 256 / best:.0f}")
 

@@ -50,6 +50,33 @@ fn measure(spec: &RunSpec, steps: u64) -> Result<(f64, f64, f64)> {
     Ok(samples[samples.len() / 2])
 }
 
+/// The forward matrix products of one baby-GPT layer at batch 8 × 256 tokens (q|k|v, attention
+/// output, MLP in, MLP out): (rows, inner, cols).
+const BABY_GPT_MATMULS: [(usize, usize, usize); 4] = [(2048, 384, 1152), (2048, 384, 384), (2048, 384, 1536), (2048, 1536, 384)];
+
+/// GFLOP/s of candle's CPU matmul (the `gemm` crate) on the baby GPT's layer shapes, median of
+/// `reps`: the ceiling the rest of a training step is measured against.
+fn matmul_gflops(reps: usize) -> Result<f64> {
+    use candle_core::{Device, Tensor};
+    let dev = Device::Cpu;
+    let pairs: Vec<(Tensor, Tensor)> = BABY_GPT_MATMULS
+        .iter()
+        .map(|&(m, k, n)| Ok((Tensor::randn(0f32, 1.0, (m, k), &dev)?, Tensor::randn(0f32, 1.0, (k, n), &dev)?)))
+        .collect::<Result<_>>()?;
+    let flops: f64 = BABY_GPT_MATMULS.iter().map(|&(m, k, n)| 2.0 * (m * k * n) as f64).sum();
+    let mut rates = Vec::with_capacity(reps);
+    for _ in 0..=reps {
+        let t = std::time::Instant::now();
+        for (a, b) in &pairs {
+            std::hint::black_box(a.matmul(b)?);
+        }
+        rates.push(flops / t.elapsed().as_secs_f64() / 1e9);
+    }
+    rates.remove(0); // warm-up
+    rates.sort_by(f64::total_cmp);
+    Ok(rates[rates.len() / 2])
+}
+
 /// Run the benchmark; `data` is a scratch folder for the benchmark's corpus.
 pub fn run(scratch: &Path, steps: u64) -> Result<()> {
     let macbeth = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("data/macbeth.txt"))?;
@@ -57,6 +84,7 @@ pub fn run(scratch: &Path, steps: u64) -> Result<()> {
     let meta = prepare(&[macbeth], Tokenizer::Char, &corpus, "macbeth")?;
     let threads = rayon::current_num_threads();
     println!("training-step benchmark: {threads} threads, median of {steps} updates");
+    println!("matmul GFLOP/s (baby-gpt layer shapes): {:.0}", matmul_gflops(20)?);
     // The baby GPT of nanoGPT's shakespeare_char (its 65 characters; Macbeth has a few more).
     let mut baby = GptConfig::baby_char(meta.vocab.size());
     baby.dropout = 0.0;
