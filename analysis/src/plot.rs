@@ -67,7 +67,9 @@ pub struct HeatMap {
     pub range: (f64, f64),
 }
 
-const COLORS: [RGBColor; 8] = [
+/// Tableau's ten colours plus black and navy: a GPT-2 comparison has nine series, and a colour
+/// must not repeat within one chart.
+const COLORS: [RGBColor; 12] = [
     RGBColor(31, 119, 180),
     RGBColor(214, 39, 40),
     RGBColor(44, 160, 44),
@@ -76,7 +78,36 @@ const COLORS: [RGBColor; 8] = [
     RGBColor(140, 86, 75),
     RGBColor(227, 119, 194),
     RGBColor(23, 190, 207),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(0, 0, 0),
+    RGBColor(0, 0, 128),
 ];
+
+/// The legend corner that covers the fewest data points: each candidate's box (the outer 35%
+/// of the width and 40% of the height at that corner) is scored by the points inside it.
+fn legend_position(c: &LineChart, (x0, x1): (f64, f64), (y0, y1): (f64, f64)) -> SeriesLabelPosition {
+    let unit = |v: f64, lo: f64, hi: f64, log: bool| if log { (v.ln() - lo.ln()) / (hi.ln() - lo.ln()) } else { (v - lo) / (hi - lo) };
+    let pts: Vec<(f64, f64)> = c
+        .series
+        .iter()
+        .flat_map(|s| s.points.iter())
+        .filter(|p| p.0.is_finite() && p.1.is_finite())
+        .map(|p| (unit(p.0, x0, x1, c.log_x), unit(p.1, y0, y1, c.log_y)))
+        .collect();
+    let covered = |right: bool, top: bool| {
+        pts.iter().filter(|(x, y)| (if right { *x >= 0.65 } else { *x <= 0.35 }) && (if top { *y >= 0.6 } else { *y <= 0.4 })).count()
+    };
+    [
+        (SeriesLabelPosition::UpperRight, covered(true, true)),
+        (SeriesLabelPosition::LowerRight, covered(true, false)),
+        (SeriesLabelPosition::UpperLeft, covered(false, true)),
+        (SeriesLabelPosition::LowerLeft, covered(false, false)),
+    ]
+    .into_iter()
+    .min_by_key(|(_, n)| *n)
+    .map_or(SeriesLabelPosition::UpperRight, |(p, _)| p)
+}
 
 fn data_range(values: impl Iterator<Item = f64>, log: bool) -> (f64, f64) {
     let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
@@ -163,7 +194,7 @@ where
                 .configure_series_labels()
                 .background_style(WHITE.mix(0.8))
                 .border_style(BLACK)
-                .position(SeriesLabelPosition::UpperRight)
+                .position(legend_position(c, (x0, x1), (y0, y1)))
                 .draw()
                 .map_err(|e| anyhow!("{e:?}"))?;
         }};
