@@ -70,7 +70,9 @@ pub enum Task {
         data: TextData,
         model: GptConfig,
         /// Start from a checkpoint of this project (fine-tuning): a run folder or a
-        /// model.safetensors; or a Hugging Face GPT-2 safetensors file with `hf = true`.
+        /// model.safetensors; or a Hugging Face GPT-2 safetensors file with `hf = true`. A
+        /// relative path is looked up in the working directory first (where `runs/` lives),
+        /// then under the data root.
         #[serde(default)]
         init_from: Option<PathBuf>,
         #[serde(default)]

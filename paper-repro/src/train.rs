@@ -87,7 +87,9 @@ impl Workload {
                 }
                 let gpt = Gpt::new(model.clone(), &device, spec.seed)?;
                 if let Some(init) = init_from {
-                    let path = resolve(init);
+                    // Run folders named by the catalog are relative to the working directory;
+                    // user-supplied weights usually live under the data root.
+                    let path = if init.is_relative() && init.exists() { init.clone() } else { resolve(init) };
                     if *init_from_hf {
                         let cfg = hf_config(&path)?;
                         if cfg.n_layer != model.n_layer || cfg.n_embd != model.n_embd || cfg.vocab_size != model.vocab_size || !model.bias {

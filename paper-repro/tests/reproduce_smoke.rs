@@ -8,11 +8,15 @@ use paper_repro::reproduce::{reproduce, Paths};
 #[test]
 fn the_smoke_tier_runs_end_to_end_and_is_idempotent() {
     let dir = tempfile::tempdir().unwrap();
-    // The only test of this binary: setting the data root cannot race with another test.
+    // The only test of this binary: setting the data root and the working directory cannot
+    // race with another test. The runs folder is relative, as `just reproduce` has it (the
+    // fine-tuning runs then find their pretrained start in the working directory, not under
+    // the data root).
     std::env::set_var("MADA_DATA", dir.path().join("data"));
+    std::env::set_current_dir(dir.path()).unwrap();
     let paths = Paths {
         experiments: Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments"),
-        runs: dir.path().join("runs"),
+        runs: "runs".into(),
         reports: dir.path().join("reports"),
     };
     let o = reproduce(&paths, "smoke", None).unwrap();
