@@ -411,13 +411,14 @@ fn exp_nonpositive(x: f32) -> f32 {
     let v = x.max(-87.0);
     let shifted = v * std::f32::consts::LOG2_E + ROUNDER;
     let n = shifted - ROUNDER;
-    let r = v - n * 0.693_359_375 + n * 2.121_944_4e-4;
+    // Cody–Waite: ln 2 = 0.6933594 (= 355/512, exact in f32) − 2.1219444e-4.
+    let r = v - n * 0.693_359_4 + n * 2.121_944_4e-4;
     let mut p = 1.987_569_1e-4f32;
     p = p * r + 1.398_199_9e-3;
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     // The low 9 bits of `shifted`'s mantissa hold n + 127 ∈ [1, 127]: shifted up by 23 they are
     // the exponent field of 2ⁿ.
     (p * r * r + r + 1.0) * f32::from_bits(shifted.to_bits() << 23)
