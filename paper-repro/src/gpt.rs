@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Module, Tensor, D};
+use candle_core::{Device, Module, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::nn::{LayerNorm, Linear, ParamStore};
@@ -132,17 +132,12 @@ impl Gpt {
     fn attention(&self, blk: &Block, x: &Tensor, train: bool) -> Result<Tensor> {
         let t = x.dim(1)?;
         let qkv = blk.c_attn.forward(x)?;
+        let mask = self.mask.narrow(0, 0, t)?.narrow(1, 0, t)?;
         let y = if train && self.config.dropout > 0.0 {
             // Attention dropout needs the probabilities as a tensor: the composed path.
-            let (b, _, c) = x.dims3()?;
-            let (nh, hs) = (self.config.n_head, c / self.config.n_head);
-            let heads = |k: usize| -> Result<Tensor> { Ok(qkv.narrow(D::Minus1, k * c, c)?.reshape((b, t, nh, hs))?.transpose(1, 2)?.contiguous()?) };
-            let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
-            let mask = self.mask.narrow(0, 0, t)?.narrow(1, 0, t)?;
-            let att = crate::ops::causal_softmax(&q.matmul(&k.t()?)?, 1.0 / (hs as f64).sqrt(), &mask)?;
-            self.dropout(att, train)?.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?
+            crate::ops::composed_causal_self_attention(&qkv, self.config.n_head, &mask, |att| candle_nn::ops::dropout(&att, self.config.dropout as f32))?
         } else {
-            crate::ops::causal_self_attention(&qkv, self.config.n_head, &self.mask.narrow(0, 0, t)?.narrow(1, 0, t)?)?
+            crate::ops::causal_self_attention(&qkv, self.config.n_head, &mask)?
         };
         self.dropout(blk.attn_proj.forward(&y)?, train)
     }

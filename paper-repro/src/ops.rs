@@ -48,13 +48,8 @@ impl CustomOp1 for CausalSoftmax {
         out.par_chunks_mut(t * ROWS_PER_TASK).zip(x.par_chunks(t * ROWS_PER_TASK)).enumerate().for_each(|(chunk, (o, xs))| {
             for (r, (orow, xrow)) in o.chunks_mut(t).zip(xs.chunks(t)).enumerate() {
                 let i = (chunk * ROWS_PER_TASK + r) % t;
-                let live = &xrow[..=i];
-                let max = live.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * self.scale;
-                for (ov, &xv) in orow[..=i].iter_mut().zip(live) {
-                    *ov = exp_nonpositive(xv * self.scale - max);
-                }
-                let inv = 1.0 / orow[..=i].iter().sum::<f32>();
-                orow[..=i].iter_mut().for_each(|v| *v *= inv);
+                orow[..=i].iter_mut().zip(&xrow[..=i]).for_each(|(o, &x)| *o = x * self.scale);
+                softmax_in_place(&mut orow[..=i]);
             }
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
@@ -424,15 +419,19 @@ fn exp_nonpositive(x: f32) -> f32 {
     (p * r * r + r + 1.0) * f32::from_bits(shifted.to_bits() << 23)
 }
 
+/// softmax of a row's unmasked entries, in place.
+fn softmax_in_place(live: &mut [f32]) {
+    let max = live.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    live.iter_mut().for_each(|v| *v = exp_nonpositive(*v - max));
+    let inv = 1.0 / live.iter().sum::<f32>();
+    live.iter_mut().for_each(|v| *v *= inv);
+}
+
 /// softmax over columns 0..=i of rows i of a block of rows `first..` of a T×T score matrix
 /// (`rows` holds whole rows of length `t`), in place; the masked entries up to `cols` become 0.
 fn causal_softmax_rows(rows: &mut [f32], first: usize, t: usize, cols: usize) {
     for (i, row) in (first..).zip(rows.chunks_mut(t)) {
-        let live = &mut row[..=i];
-        let max = live.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        live.iter_mut().for_each(|v| *v = exp_nonpositive(*v - max));
-        let inv = 1.0 / live.iter().sum::<f32>();
-        live.iter_mut().for_each(|v| *v *= inv);
+        softmax_in_place(&mut row[..=i]);
         row[i + 1..cols].iter_mut().for_each(|v| *v = 0.0);
     }
 }
@@ -559,11 +558,17 @@ pub fn causal_self_attention(qkv: &Tensor, heads: usize, mask: &Tensor) -> Resul
     if qkv.device().is_cpu() && qkv.dtype() == candle_core::DType::F32 {
         return qkv.contiguous()?.apply_op1(CausalAttention { heads, block: ATTENTION_ROW_BLOCK });
     }
+    composed_causal_self_attention(qkv, heads, mask, Ok)
+}
+
+/// The same attention from composed tensor ops, with the (B, H, T, T) probabilities passed
+/// through `probabilities` before they weight v: other devices, and attention dropout.
+pub fn composed_causal_self_attention(qkv: &Tensor, heads: usize, mask: &Tensor, probabilities: impl FnOnce(Tensor) -> Result<Tensor>) -> Result<Tensor> {
     let (b, t, c3) = qkv.dims3()?;
     let (c, hs) = (c3 / 3, c3 / 3 / heads);
     let split = |k: usize| qkv.narrow(D::Minus1, k * c, c)?.reshape((b, t, heads, hs))?.transpose(1, 2)?.contiguous();
     let (q, k, v) = (split(0)?, split(1)?, split(2)?);
-    let att = causal_softmax(&q.matmul(&k.t()?)?, 1.0 / (hs as f64).sqrt(), mask)?;
+    let att = probabilities(causal_softmax(&q.matmul(&k.t()?)?, 1.0 / (hs as f64).sqrt(), mask)?)?;
     att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))
 }
 
@@ -902,7 +907,8 @@ mod conv_tests {
             let gf = (yf * &r).unwrap().sum_all().unwrap().backward().unwrap();
             close(gf.get(x.as_tensor()).unwrap(), gr.get(x.as_tensor()).unwrap());
         }
-        let _ = causal_self_attention(x.as_tensor(), heads, &mask).unwrap();
+        close(&causal_self_attention(x.as_tensor(), heads, &mask).unwrap(), &yr);
+        close(&composed_causal_self_attention(x.as_tensor(), heads, &mask, Ok).unwrap(), &yr);
     }
 
     #[test]
