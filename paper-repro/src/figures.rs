@@ -9,7 +9,7 @@ use anyhow::Result;
 use analysis::plot::{save, HeatMap, LineChart, Panel, Series};
 
 use crate::catalog::Experiment;
-use crate::tables::{GridSummary, RunData};
+use crate::tables::{stat, GridSummary, RunData};
 
 fn metric_name(m: &str) -> &str {
     match m {
@@ -37,10 +37,10 @@ fn banded(runs: &[&RunData], metric: &str) -> Series {
     let mut points = Vec::new();
     let mut band = Vec::new();
     for (s, v) in at {
-        let m = v.iter().sum::<f64>() / v.len() as f64;
-        let sd = if v.len() > 1 { (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64).sqrt() } else { 0.0 };
-        points.push((s as f64, m));
-        band.push((s as f64, m - sd, m + sd));
+        let st = stat(&v);
+        let sd = if st.n > 1 { st.std } else { 0.0 };
+        points.push((s as f64, st.mean));
+        band.push((s as f64, st.mean - sd, st.mean + sd));
     }
     let name = runs.first().map(|r| r.label.clone()).unwrap_or_default();
     let name = if runs.len() > 1 { format!("{name} ({} seeds)", runs.len()) } else { name };
