@@ -9,7 +9,7 @@ use anyhow::Result;
 use analysis::plot::{save, HeatMap, LineChart, Panel, Series};
 
 use crate::catalog::Experiment;
-use crate::tables::{stat, GridSummary, RunData};
+use crate::tables::{pick, stat, GridSummary, RunData};
 
 fn metric_name(m: &str) -> &str {
     match m {
@@ -24,11 +24,7 @@ fn banded(runs: &[&RunData], metric: &str) -> Series {
     let mut at: BTreeMap<u64, Vec<f64>> = BTreeMap::new();
     for r in runs {
         for e in &r.evals {
-            let v = match metric {
-                "eval_accuracy" => e.3,
-                "train_loss" => e.1,
-                _ => e.2,
-            };
+            let v = pick(e, metric);
             if v.is_finite() {
                 at.entry(e.0 as u64).or_default().push(v);
             }

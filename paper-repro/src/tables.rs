@@ -67,7 +67,7 @@ impl RunData {
             if log.height() > 0 {
                 let step = f64_column(&log, "step")?;
                 let loss = f64_column(&log, "loss")?;
-                let cols: Vec<Vec<f64>> = ["beta1", "beta2", "beta3", "rho", "c", "gamma"].iter().map(|n| f64_column(&log, n)).collect::<Result<_>>()?;
+                let cols: Vec<Vec<f64>> = mada::Coef::ALL.iter().map(|c| f64_column(&log, c.name())).collect::<Result<_>>()?;
                 d.coefficients = (0..step.len()).map(|i| (step[i], std::array::from_fn(|k| cols[k][i]))).collect();
                 d.losses = step.iter().cloned().zip(loss).collect();
                 let el = f64_column(&log, "elapsed_s")?;
@@ -95,7 +95,8 @@ impl RunData {
     }
 }
 
-fn pick(e: &(f64, f64, f64, f64), metric: &str) -> f64 {
+/// A metric ("eval_loss", "eval_accuracy", "train_loss") out of one evaluation row.
+pub fn pick(e: &(f64, f64, f64, f64), metric: &str) -> f64 {
     match metric {
         "train_loss" => e.1,
         "eval_accuracy" => e.3,
