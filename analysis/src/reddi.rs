@@ -45,7 +45,8 @@ fn run(name: &str, mut opt: AnyOptimizer<f64>, steps: u64, every: u64, lr: f64) 
     let mut tr = Trajectory { name: name.into(), t: vec![], avg_regret: vec![], x: vec![], rho: vec![], beta3: vec![], c: vec![] };
     for t in 1..=steps {
         let g = gradient(t);
-        regret += g * x[0] - -g;
+        // f_t(x_t) − f_t(x*) with f_t(x) = g_t·x and the comparator x* = −1.
+        regret += g * x[0] + g;
         opt.step(&mut [&mut x[..]], &[&[g][..]], lr)?;
         x[0] = x[0].clamp(-1.0, 1.0);
         if t % every == 0 || t == steps {
