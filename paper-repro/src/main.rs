@@ -194,8 +194,12 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench { steps } => {
-            let dir = tempfile_dir()?;
-            paper_repro::bench::run(&dir, steps)
+            // A scratch folder for the benchmark's corpus, removed afterwards.
+            let dir = std::env::temp_dir().join(format!("paper-repro-bench-{}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            let result = paper_repro::bench::run(&dir, steps);
+            let _ = std::fs::remove_dir_all(&dir);
+            result
         }
         Command::Reproduce { tier, only, at } => {
             let o = reproduce(&at.paths(), &tier, only.as_deref())?;
@@ -224,12 +228,6 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
-}
-
-fn tempfile_dir() -> Result<PathBuf> {
-    let d = std::env::temp_dir().join(format!("paper-repro-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&d)?;
-    Ok(d)
 }
 
 fn main() -> ExitCode {
