@@ -57,7 +57,10 @@ pub enum Form {
     Nonconvex { covers: Covers<NonconvexSettings>, value: NonconvexValue },
     /// E‖∇F(x_τ)‖² ≤ E[value(constants, settings, run)] (τ uniform): a bound with a
     /// trajectory-dependent term whose expectation is estimated from the same runs.
-    NonconvexSemi { covers: Covers<NonconvexSettings>, value: fn(&NonconvexConstants, &NonconvexSettings, &NonconvexRun) -> f64 },
+    NonconvexSemi {
+        covers: Covers<NonconvexSettings>,
+        value: fn(&NonconvexConstants, &NonconvexSettings, &NonconvexRun) -> f64,
+    },
     /// R_T ≤ value(settings, run, T, D∞) for every sequence (deterministic).
     Regret { covers: Covers<RegretSettings>, value: RegretValue },
 }
@@ -319,7 +322,21 @@ struct SlotFile {
 
 /// Variables available to slot expressions.
 pub const SLOT_VARIABLES: &[&str] = &[
-    "d", "R", "L", "Delta", "eps", "alpha", "beta1", "beta2", "rho", "N", "T", "Dinf", "sum_sqrt_D_T", "momentum_sum", "grad_l2_sum",
+    "d",
+    "R",
+    "L",
+    "Delta",
+    "eps",
+    "alpha",
+    "beta1",
+    "beta2",
+    "rho",
+    "N",
+    "T",
+    "Dinf",
+    "sum_sqrt_D_T",
+    "momentum_sum",
+    "grad_l2_sum",
 ];
 
 impl PaperSlot {
@@ -415,7 +432,12 @@ pub fn read_slots(path: &Path) -> Result<Vec<PaperSlot>> {
     let file: SlotFile = toml::from_str(&text).with_context(|| format!("invalid bound slots in {}", path.display()))?;
     for s in &file.bound {
         if !matches!(s.framework.as_str(), "nonconvex" | "regret") {
-            bail!("{}: bound {}: framework must be `nonconvex` or `regret`, not `{}`", path.display(), s.id, s.framework);
+            bail!(
+                "{}: bound {}: framework must be `nonconvex` or `regret`, not `{}`",
+                path.display(),
+                s.id,
+                s.framework
+            );
         }
     }
     Ok(file.bound)

@@ -15,8 +15,8 @@ use statrs::distribution::{ContinuousCDF, StudentsT};
 
 use crate::bounds::{tau_weights, Bound, Form, NonconvexConstants};
 use crate::frameworks::{
-    run_nonconvex, run_regret, NonconvexRun, NonconvexSettings, OnlineLinear, RandomLinear, ReddiSequence, RegretSettings,
-    SecondMoment, Variant,
+    run_nonconvex, run_regret, NonconvexRun, NonconvexSettings, OnlineLinear, RandomLinear, ReddiSequence,
+    RegretSettings, SecondMoment, Variant,
 };
 use crate::problems::{Kind, Noise, Objective};
 
@@ -89,11 +89,24 @@ fn log_uniform(rng: &mut StdRng, lo: f64, hi: f64) -> f64 {
 }
 
 /// A random nonconvex-form setting of `variant` (β1 > 0 iff `momentum`).
-pub fn draw_settings(rng: &mut StdRng, variant: Variant, momentum: bool, kind: Kind, steps: (usize, usize)) -> NonconvexSettings {
+pub fn draw_settings(
+    rng: &mut StdRng,
+    variant: Variant,
+    momentum: bool,
+    kind: Kind,
+    steps: (usize, usize),
+) -> NonconvexSettings {
     let beta2: f64 = rng.random_range(0.9..0.999);
     let beta1 = if momentum { rng.random_range(0.3..(beta2 - 0.01).min(0.95)) } else { 0.0 };
     let alpha = if kind == Kind::Rosenbrock { log_uniform(rng, 1e-4, 3e-3) } else { log_uniform(rng, 1e-3, 5e-2) };
-    NonconvexSettings { variant, alpha, beta1, beta2, eps: log_uniform(rng, 1e-8, 1e-4), steps: rng.random_range(steps.0..=steps.1) }
+    NonconvexSettings {
+        variant,
+        alpha,
+        beta1,
+        beta2,
+        eps: log_uniform(rng, 1e-8, 1e-4),
+        steps: rng.random_range(steps.0..=steps.1),
+    }
 }
 
 /// A problem, its noise and its constants for the bounds.
@@ -121,7 +134,10 @@ impl Instance {
 
     /// Runs for every seed; `None` (with the reason) if a run left the assumptions.
     pub fn runs(&self, s: &NonconvexSettings, seeds: usize, base: u64) -> Result<Vec<NonconvexRun>, String> {
-        let runs: Vec<NonconvexRun> = (0..seeds as u64).into_par_iter().map(|k| run_nonconvex(&*self.objective, self.noise, s, base + k)).collect();
+        let runs: Vec<NonconvexRun> = (0..seeds as u64)
+            .into_par_iter()
+            .map(|k| run_nonconvex(&*self.objective, self.noise, s, base + k))
+            .collect();
         if runs.iter().any(|r| !r.stayed_in_region) {
             return Err("an iterate left the region where L and R hold".into());
         }
@@ -159,7 +175,14 @@ fn variant_for(bound: &Bound, rng: &mut StdRng) -> Option<(Variant, bool)> {
         (Variant::Interp { rho }, false),
         (Variant::Interp { rho: rho.max(0.05) }, false),
     ];
-    let probe = |v: Variant, m: bool| NonconvexSettings { variant: v, alpha: 0.01, beta1: if m { 0.5 } else { 0.0 }, beta2: 0.99, eps: 1e-8, steps: 10 };
+    let probe = |v: Variant, m: bool| NonconvexSettings {
+        variant: v,
+        alpha: 0.01,
+        beta1: if m { 0.5 } else { 0.0 },
+        beta2: 0.99,
+        eps: 1e-8,
+        steps: 10,
+    };
     let covers: &dyn Fn(&NonconvexSettings) -> bool = match &bound.form {
         Form::Nonconvex { covers, .. } | Form::NonconvexSemi { covers, .. } => covers.as_ref(),
         Form::Regret { .. } => return None,
@@ -227,7 +250,12 @@ pub fn check_nonconvex(bound: &Bound, instance: usize, seed: u64, size: &Size) -
 }
 
 /// A random online problem and regret-form settings.
-pub fn draw_regret_case(rng: &mut StdRng, second: SecondMoment, size: &Size, seed: u64) -> (Box<dyn OnlineLinear + Send + Sync>, RegretSettings, usize) {
+pub fn draw_regret_case(
+    rng: &mut StdRng,
+    second: SecondMoment,
+    size: &Size,
+    seed: u64,
+) -> (Box<dyn OnlineLinear + Send + Sync>, RegretSettings, usize) {
     let problem: Box<dyn OnlineLinear + Send + Sync> = if rng.random_bool(0.25) {
         let (period, big) = [(3, 2.0), (3, 3.0), (101, 1010.0)][rng.random_range(0..3)];
         Box::new(ReddiSequence { period, big, small: if period == 101 { -10.0 } else { -1.0 } })
@@ -353,7 +381,10 @@ mod tests {
             formula: "".into(),
             assumptions: "".into(),
             source: crate::bounds::Source::Derived("test"),
-            form: Form::Nonconvex { covers: Box::new(|s| s.variant == Variant::Adam && s.beta1 == 0.0), value: Box::new(|_, _| 1e-12) },
+            form: Form::Nonconvex {
+                covers: Box::new(|s| s.variant == Variant::Adam && s.beta1 == 0.0),
+                value: Box::new(|_, _| 1e-12),
+            },
         };
         let rows: Vec<Row> = (0..6).filter_map(|k| check_nonconvex(&fake, k, 7 + k as u64, &Size::QUICK)).collect();
         assert!(rows.iter().any(|r| r.status == Status::Violation), "{rows:?}");

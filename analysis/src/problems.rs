@@ -129,7 +129,8 @@ impl Objective for Quadratic {
     }
     fn constants(&self) -> Constants {
         let d = self.dim();
-        let grad_sup = (0..d).map(|i| (0..d).map(|j| self.a[(i, j)].abs()).sum::<f64>() * self.half_width).fold(0.0, f64::max);
+        let grad_sup =
+            (0..d).map(|i| (0..d).map(|j| self.a[(i, j)].abs()).sum::<f64>() * self.half_width).fold(0.0, f64::max);
         Constants {
             d,
             smoothness: sym_max_eig(&self.a),
@@ -214,7 +215,12 @@ fn sigmoid(z: f64) -> f64 {
 
 impl Objective for Logistic {
     fn name(&self) -> String {
-        format!("logistic(n={}, d={}, {})", self.x.nrows(), self.x.ncols(), if self.separable { "separable" } else { "noisy labels" })
+        format!(
+            "logistic(n={}, d={}, {})",
+            self.x.nrows(),
+            self.x.ncols(),
+            if self.separable { "separable" } else { "noisy labels" }
+        )
     }
     fn dim(&self) -> usize {
         self.x.ncols()
@@ -229,7 +235,14 @@ impl Objective for Logistic {
         let n = self.x.nrows() as f64;
         let xtx = self.x.transpose() * &self.x;
         let grad_sup = (0..self.x.ncols()).map(|j| self.x.column(j).amax()).fold(0.0, f64::max);
-        Constants { d: self.dim(), smoothness: sym_max_eig(&xtx) / (4.0 * n), grad_sup, inf_lower: 0.0, convex: true, region: Region::Everywhere }
+        Constants {
+            d: self.dim(),
+            smoothness: sym_max_eig(&xtx) / (4.0 * n),
+            grad_sup,
+            inf_lower: 0.0,
+            convex: true,
+            region: Region::Everywhere,
+        }
     }
     fn x0(&self) -> Vec<f64> {
         vec![0.0; self.dim()]
@@ -317,8 +330,16 @@ impl Objective for RobustRegression {
     fn constants(&self) -> Constants {
         let n = self.x.nrows() as f64;
         let xtx = self.x.transpose() * &self.x;
-        let grad_sup = (0..self.x.ncols()).map(|j| self.x.column(j).iter().map(|v| v.abs()).sum::<f64>() / n).fold(0.0, f64::max);
-        Constants { d: self.dim(), smoothness: 2.0 * sym_max_eig(&xtx) / n, grad_sup, inf_lower: 0.0, convex: false, region: Region::Everywhere }
+        let grad_sup =
+            (0..self.x.ncols()).map(|j| self.x.column(j).iter().map(|v| v.abs()).sum::<f64>() / n).fold(0.0, f64::max);
+        Constants {
+            d: self.dim(),
+            smoothness: 2.0 * sym_max_eig(&xtx) / n,
+            grad_sup,
+            inf_lower: 0.0,
+            convex: false,
+            region: Region::Everywhere,
+        }
     }
     fn x0(&self) -> Vec<f64> {
         vec![0.0; self.dim()]
@@ -353,7 +374,8 @@ impl TanhNet {
         let mut res = Vec::with_capacity(n);
         let mut acts = Vec::with_capacity(n);
         for i in 0..n {
-            let a: Vec<f64> = (0..self.hidden).map(|j| (0..p).map(|k| w[j * p + k] * self.x[(i, k)]).sum::<f64>().tanh()).collect();
+            let a: Vec<f64> =
+                (0..self.hidden).map(|j| (0..p).map(|k| w[j * p + k] * self.x[(i, k)]).sum::<f64>().tanh()).collect();
             res.push(a.iter().zip(&self.v).map(|(a, v)| a * v).sum::<f64>() - self.y[i]);
             acts.push(a);
         }
@@ -403,7 +425,14 @@ impl Objective for TanhNet {
             }
         }
         let grad_sup = col_bound.iter().cloned().fold(0.0, f64::max) * vmax / n as f64;
-        Constants { d: self.dim(), smoothness: smooth / n as f64, grad_sup, inf_lower: 0.0, convex: false, region: Region::Everywhere }
+        Constants {
+            d: self.dim(),
+            smoothness: smooth / n as f64,
+            grad_sup,
+            inf_lower: 0.0,
+            convex: false,
+            region: Region::Everywhere,
+        }
     }
     fn x0(&self) -> Vec<f64> {
         self.start.clone()
@@ -422,8 +451,14 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] =
-        [Kind::Quadratic, Kind::LogisticSeparable, Kind::LogisticNoisy, Kind::Rosenbrock, Kind::RobustRegression, Kind::TanhNet];
+    pub const ALL: [Kind; 6] = [
+        Kind::Quadratic,
+        Kind::LogisticSeparable,
+        Kind::LogisticNoisy,
+        Kind::Rosenbrock,
+        Kind::RobustRegression,
+        Kind::TanhNet,
+    ];
 
     /// A random instance of this kind from `seed`.
     pub fn instance(self, seed: u64) -> Box<dyn Objective> {
@@ -434,10 +469,18 @@ impl Kind {
                 let kappa = 10f64.powf(rng.random_range(0.0..3.0));
                 Box::new(Quadratic::random(d, kappa, rng.random_range(0.5..4.0), &mut rng))
             }
-            Kind::LogisticSeparable => Box::new(Logistic::random(rng.random_range(20..60), rng.random_range(2..6), true, &mut rng)),
-            Kind::LogisticNoisy => Box::new(Logistic::random(rng.random_range(20..60), rng.random_range(2..6), false, &mut rng)),
-            Kind::Rosenbrock => Box::new(Rosenbrock { start: [rng.random_range(-1.5..-0.5), rng.random_range(0.0..2.0)] }),
-            Kind::RobustRegression => Box::new(RobustRegression::random(rng.random_range(20..60), rng.random_range(2..6), &mut rng)),
+            Kind::LogisticSeparable => {
+                Box::new(Logistic::random(rng.random_range(20..60), rng.random_range(2..6), true, &mut rng))
+            }
+            Kind::LogisticNoisy => {
+                Box::new(Logistic::random(rng.random_range(20..60), rng.random_range(2..6), false, &mut rng))
+            }
+            Kind::Rosenbrock => {
+                Box::new(Rosenbrock { start: [rng.random_range(-1.5..-0.5), rng.random_range(0.0..2.0)] })
+            }
+            Kind::RobustRegression => {
+                Box::new(RobustRegression::random(rng.random_range(20..60), rng.random_range(2..6), &mut rng))
+            }
             Kind::TanhNet => Box::new(TanhNet::random(rng.random_range(10..30), 3, rng.random_range(2..5), &mut rng)),
         }
     }
@@ -472,14 +515,25 @@ mod tests {
                         b[i] -= h;
                         let fd = (p.value(&a) - p.value(&b)) / (2.0 * h);
                         assert!((fd - g[i]).abs() < 1e-4 * (1.0 + g[i].abs()), "{}: ∂{i} {} vs {fd}", p.name(), g[i]);
-                        assert!(g[i].abs() <= c.grad_sup * (1.0 + 1e-12), "{}: |∇F| {} > {}", p.name(), g[i], c.grad_sup);
+                        assert!(
+                            g[i].abs() <= c.grad_sup * (1.0 + 1e-12),
+                            "{}: |∇F| {} > {}",
+                            p.name(),
+                            g[i],
+                            c.grad_sup
+                        );
                     }
                     // L-smoothness along a random segment inside the region.
                     let y = point(&mut rng);
                     let gy = p.grad(&y);
                     let dg: f64 = g.iter().zip(&gy).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
                     let dx: f64 = x.iter().zip(&y).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
-                    assert!(dg <= c.smoothness * dx * (1.0 + 1e-9), "{}: ‖Δ∇F‖ {dg} > L‖Δx‖ {}", p.name(), c.smoothness * dx);
+                    assert!(
+                        dg <= c.smoothness * dx * (1.0 + 1e-9),
+                        "{}: ‖Δ∇F‖ {dg} > L‖Δx‖ {}",
+                        p.name(),
+                        c.smoothness * dx
+                    );
                     assert!(p.value(&x) >= c.inf_lower);
                 }
             }

@@ -42,7 +42,15 @@ pub struct Trajectory {
 fn run(name: &str, mut opt: AnyOptimizer<f64>, steps: u64, every: u64, lr: f64) -> Result<Trajectory> {
     let mut x = [0.0f64];
     let mut regret = 0.0;
-    let mut tr = Trajectory { name: name.into(), t: vec![], avg_regret: vec![], x: vec![], rho: vec![], beta3: vec![], c: vec![] };
+    let mut tr = Trajectory {
+        name: name.into(),
+        t: vec![],
+        avg_regret: vec![],
+        x: vec![],
+        rho: vec![],
+        beta3: vec![],
+        c: vec![],
+    };
     for t in 1..=steps {
         let g = gradient(t);
         // f_t(x_t) − f_t(x*) with f_t(x) = g_t·x and the comparator x* = −1.
@@ -66,7 +74,8 @@ fn run(name: &str, mut opt: AnyOptimizer<f64>, steps: u64, every: u64, lr: f64) 
 pub fn run_all(steps: u64, every: u64) -> Result<Vec<Trajectory>> {
     let lr = 1e-3;
     let cfg = AdamConfig { beta1: 0.9, beta2: 0.99, eps: 1e-8, ..AdamConfig::default() };
-    let hyper = HyperConfig::learn(&[(Coef::Beta3, 0.1), (Coef::Rho, 0.1), (Coef::C, 0.1)]).with_momentum([0.0, 0.0, 0.9, 0.9, 0.9, 0.0]);
+    let hyper = HyperConfig::learn(&[(Coef::Beta3, 0.1), (Coef::Rho, 0.1), (Coef::C, 0.1)])
+        .with_momentum([0.0, 0.0, 0.9, 0.9, 0.9, 0.0]);
     let jobs = vec![
         ("Adam", AnyOptimizer::Adam(Adam::new(cfg)?)),
         ("AMSGrad", AnyOptimizer::AmsGrad(AmsGrad::new(cfg)?)),
@@ -74,7 +83,8 @@ pub fn run_all(steps: u64, every: u64) -> Result<Vec<Trajectory>> {
         ("MADA", AnyOptimizer::Mada(Mada::new(MadaConfig::default(), hyper, Coefficients::adam(0.9, 0.99))?)),
     ];
     std::thread::scope(|scope| {
-        let handles: Vec<_> = jobs.into_iter().map(|(name, opt)| scope.spawn(move || run(name, opt, steps, every, lr))).collect();
+        let handles: Vec<_> =
+            jobs.into_iter().map(|(name, opt)| scope.spawn(move || run(name, opt, steps, every, lr))).collect();
         handles.into_iter().map(|h| h.join().expect("optimizer thread panicked")).collect()
     })
 }

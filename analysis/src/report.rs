@@ -11,10 +11,10 @@ use crate::bounds::{read_slots, registry, Bound, Form};
 use crate::checks::{check_all, expected_grad_norm, summarize, Instance, Row, Size, Summary};
 use crate::frameworks::{NonconvexSettings, Variant};
 use crate::interp::{explicit_minimized_at_adam, nonconvex_curves, regret_curves, Curve};
-use crate::io::write_atomically;
-use crate::plot::{save, LineChart, Panel, Series};
 use crate::problems::Kind;
 use crate::reddi;
+use outputs::plot::{save, LineChart, Panel, Series};
+use outputs::write_atomically;
 
 /// What `bounds` found.
 pub struct Outcome {
@@ -31,9 +31,12 @@ fn csv_escape(s: &str) -> String {
 }
 
 fn rows_csv(rows: &[Row]) -> String {
-    let mut s = String::from("bound,instance,seed,problem,settings,seeds,empirical,empirical_ucb,bound_value,tightness,status,note\n");
+    let mut s = String::from(
+        "bound,instance,seed,problem,settings,seeds,empirical,empirical_ucb,bound_value,tightness,status,note\n",
+    );
     for r in rows {
-        let status = serde_json::to_value(r.status).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+        let status =
+            serde_json::to_value(r.status).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
         let _ = writeln!(
             s,
             "{},{},{},{},{},{},{:e},{:e},{:e},{:e},{},{}",
@@ -67,7 +70,10 @@ fn bounds_markdown(bounds: &[Bound], summaries: &[Summary], size: &Size, mode: &
          (its statements were not available); `reports/reference/paper-bounds.toml` is the slot for them.\n",
         size.instances, size.seeds, size.steps.0, size.steps.1
     );
-    let _ = writeln!(md, "| bound | source | instances | checked | excluded | violations | unresolved | tightness min | median | max |");
+    let _ = writeln!(
+        md,
+        "| bound | source | instances | checked | excluded | violations | unresolved | tightness min | median | max |"
+    );
     let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
     for (b, s) in bounds.iter().zip(summaries) {
         let _ = writeln!(
@@ -86,7 +92,15 @@ fn bounds_markdown(bounds: &[Bound], summaries: &[Summary], size: &Size, mode: &
         );
     }
     for b in bounds {
-        let _ = writeln!(md, "\n## `{}` — {}\n\n- Bound: {}\n- Assumptions: {}\n- Source: {}", b.id, b.title, b.formula, b.assumptions, b.source.label());
+        let _ = writeln!(
+            md,
+            "\n## `{}` — {}\n\n- Bound: {}\n- Assumptions: {}\n- Source: {}",
+            b.id,
+            b.title,
+            b.formula,
+            b.assumptions,
+            b.source.label()
+        );
     }
     md
 }
@@ -98,7 +112,10 @@ fn interp_markdown(nc: &[Curve], rg: &[Curve]) -> String {
          (THEORY.md §6). *Interior* = the bound's minimum lies strictly inside (0, 1) and below both ends; *follows* = \
          at that ρ the empirical quantity is also below its value at both ends.\n\n",
     );
-    for (name, curves) in [("Adam (ρ=1) ↔ AVGrad (ρ=0), nonconvex, semi-explicit bound", nc), ("AMSGrad (ρ=1) ↔ AVGrad (ρ=0), regret bound", rg)] {
+    for (name, curves) in [
+        ("Adam (ρ=1) ↔ AVGrad (ρ=0), nonconvex, semi-explicit bound", nc),
+        ("AMSGrad (ρ=1) ↔ AVGrad (ρ=0), regret bound", rg),
+    ] {
         let interior = curves.iter().filter(|c| c.interior()).count();
         let follows = curves.iter().filter(|c| c.interior() && c.empirical_follows()).count();
         let _ = writeln!(md, "## {name}\n\n- instances: {}\n- bound minimum interior: {interior}\n- of those, empirical quantity follows: {follows}", curves.len());
@@ -150,7 +167,9 @@ fn bound_vs_n_figure(out: &Path, seeds: usize, quick: bool) -> Result<()> {
             let e = runs.iter().map(|r| expected_grad_norm(r, 0.0)).sum::<f64>() / runs.len() as f64;
             let b = match &bound.form {
                 Form::Nonconvex { value, .. } => value(&inst.constants, &s),
-                Form::NonconvexSemi { value, .. } => runs.iter().map(|r| value(&inst.constants, &s, r)).sum::<f64>() / runs.len() as f64,
+                Form::NonconvexSemi { value, .. } => {
+                    runs.iter().map(|r| value(&inst.constants, &s, r)).sum::<f64>() / runs.len() as f64
+                }
                 Form::Regret { .. } => f64::NAN,
             };
             emp.push((n as f64, e));
@@ -162,7 +181,10 @@ fn bound_vs_n_figure(out: &Path, seeds: usize, quick: bool) -> Result<()> {
             y_label: "E‖∇F(x_τ)‖²".into(),
             log_x: true,
             log_y: true,
-            series: vec![Series::line(format!("bound `{id}`"), bnd).dashed(), Series::line("empirical (mean over seeds)", emp)],
+            series: vec![
+                Series::line(format!("bound `{id}`"), bnd).dashed(),
+                Series::line("empirical (mean over seeds)", emp),
+            ],
             ..Default::default()
         }));
     }
@@ -177,12 +199,22 @@ fn curves_figure(out: &Path, nc: &[Curve], rg: &[Curve]) -> Result<()> {
     };
     let pick = |cs: &[Curve]| -> Vec<Curve> { cs.iter().take(6).cloned().collect() };
     let mut panels = Vec::new();
-    for (title, curves) in [("nonconvex semi-explicit bound(ρ)/bound(1)", pick(nc)), ("regret bound(ρ)/bound(1)", pick(rg))] {
+    for (title, curves) in
+        [("nonconvex semi-explicit bound(ρ)/bound(1)", pick(nc)), ("regret bound(ρ)/bound(1)", pick(rg))]
+    {
         panels.push(Panel::Lines(LineChart {
             title: title.into(),
             x_label: "ρ".into(),
             y_label: "relative to ρ = 1".into(),
-            series: curves.iter().map(|c| Series::line(format!("#{} {}", c.instance, c.problem.split(' ').next().unwrap_or("")), norm(&c.bound, &c.rho))).collect(),
+            series: curves
+                .iter()
+                .map(|c| {
+                    Series::line(
+                        format!("#{} {}", c.instance, c.problem.split(' ').next().unwrap_or("")),
+                        norm(&c.bound, &c.rho),
+                    )
+                })
+                .collect(),
             ..Default::default()
         }));
     }
@@ -200,7 +232,12 @@ fn curves_figure(out: &Path, nc: &[Curve], rg: &[Curve]) -> Result<()> {
         log_y: true,
         series: pick(nc)
             .iter()
-            .map(|c| Series::line(format!("#{}", c.instance), norm(&c.bound_explicit, &c.rho).into_iter().filter(|p| p.0 > 0.0).collect()))
+            .map(|c| {
+                Series::line(
+                    format!("#{}", c.instance),
+                    norm(&c.bound_explicit, &c.rho).into_iter().filter(|p| p.0 > 0.0).collect(),
+                )
+            })
             .collect(),
         ..Default::default()
     }));
@@ -214,7 +251,11 @@ pub fn reddi_outputs(out: &Path, steps: u64, every: u64) -> Result<String> {
     let mut csv = String::from("optimizer,t,avg_regret,x,rho,beta3,c\n");
     for tr in &trs {
         for i in 0..tr.t.len() {
-            let _ = writeln!(csv, "{},{},{:e},{:e},{:e},{:e},{:e}", tr.name, tr.t[i], tr.avg_regret[i], tr.x[i], tr.rho[i], tr.beta3[i], tr.c[i]);
+            let _ = writeln!(
+                csv,
+                "{},{},{:e},{:e},{:e},{:e},{:e}",
+                tr.name, tr.t[i], tr.avg_regret[i], tr.x[i], tr.rho[i], tr.beta3[i], tr.c[i]
+            );
         }
     }
     write_atomically(&out.join("reddi.csv"), csv.as_bytes())?;
@@ -265,7 +306,16 @@ pub fn reddi_outputs(out: &Path, steps: u64, every: u64) -> Result<String> {
     let cell = |v: f64| if v.is_finite() { format!("{v:.4}") } else { "–".into() };
     for t in &trs {
         let i = t.t.len() - 1;
-        let _ = writeln!(md, "| {} | {} | {} | {} | {} | {} |", t.name, cell(t.x[i]), cell(t.avg_regret[i]), cell(t.rho[i]), cell(t.beta3[i]), cell(t.c[i]));
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} |",
+            t.name,
+            cell(t.x[i]),
+            cell(t.avg_regret[i]),
+            cell(t.rho[i]),
+            cell(t.beta3[i]),
+            cell(t.c[i])
+        );
     }
     write_atomically(&out.join("reddi.md"), md.as_bytes())?;
     Ok(md)
@@ -282,7 +332,8 @@ pub fn run(out: &Path, quick: bool, slots: &Path, with_reddi: bool) -> Result<Ou
     let curves_n = if quick { 12 } else { 48 };
     let total = (bounds.len() * size.instances) as u64;
     let bar = ProgressBar::new(total).with_style(
-        ProgressStyle::with_template("bounds {bar:40} {pos}/{len} instances [{elapsed_precise}<{eta_precise}]").expect("template"),
+        ProgressStyle::with_template("bounds {bar:40} {pos}/{len} instances [{elapsed_precise}<{eta_precise}]")
+            .expect("template"),
     );
     let rows = check_all(&bounds, &size, &|| bar.inc(1));
     bar.finish_and_clear();

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use mada::{AnyOptimizer, Coef, Optimizer, OptimizerSpec};
 use serde::Deserialize;
 
-use crate::io::write_atomically;
+use outputs::write_atomically;
 
 /// A trace spec: problem, optimizer (with a constant `lr`), number of steps.
 #[derive(Debug, Clone)]
@@ -41,11 +41,7 @@ impl Quadratic {
     }
 
     pub fn grad(&self, x: &[f64]) -> Vec<f64> {
-        self.a
-            .iter()
-            .zip(&self.b)
-            .map(|(row, b)| row.iter().zip(x).map(|(a, x)| a * x).sum::<f64>() - b)
-            .collect()
+        self.a.iter().zip(&self.b).map(|(row, b)| row.iter().zip(x).map(|(a, x)| a * x).sum::<f64>() - b).collect()
     }
 }
 

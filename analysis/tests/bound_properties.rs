@@ -36,7 +36,15 @@ fn the_quick_report_finds_no_violation() {
     let outcome = analysis::report::run(dir.path(), true, &dir.path().join("no-slots.toml"), true).unwrap();
     assert!(outcome.instances >= 100, "{} instances", outcome.instances);
     assert_eq!(outcome.violations, 0);
-    for f in ["instances.csv", "bounds.md", "interpolation.md", "bound_vs_n.svg", "bound_of_rho.png", "reddi.png", "reddi.csv"] {
+    for f in [
+        "instances.csv",
+        "bounds.md",
+        "interpolation.md",
+        "bound_vs_n.svg",
+        "bound_of_rho.png",
+        "reddi.png",
+        "reddi.csv",
+    ] {
         assert!(dir.path().join(f).exists(), "{f} missing");
     }
 }

@@ -47,7 +47,8 @@ fn main() {
         let t_adam = time_optimizer(&mut adam, n, reps);
         let mut mada = Mada::<f32>::new(MadaConfig::default(), mada_hyper, Coefficients::avgrad(0.9, 0.95)).unwrap();
         let t_mada = time_optimizer(&mut mada, n, reps);
-        let mut frozen = Mada::<f32>::new(MadaConfig::default(), HyperConfig::frozen(), Coefficients::avgrad(0.9, 0.95)).unwrap();
+        let mut frozen =
+            Mada::<f32>::new(MadaConfig::default(), HyperConfig::frozen(), Coefficients::avgrad(0.9, 0.95)).unwrap();
         let t_frozen = time_optimizer(&mut frozen, n, reps);
         // The hyper-gradient pass alone (state after a few steps).
         let (_, g) = data(n);

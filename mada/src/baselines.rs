@@ -46,7 +46,9 @@ mod serde_arrays {
         a.as_slice().serialize(s)
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>, T: Deserialize<'de>, const N: usize>(d: D) -> Result<[Vec<T>; N], D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>, T: Deserialize<'de>, const N: usize>(
+        d: D,
+    ) -> Result<[Vec<T>; N], D::Error> {
         let v: Vec<Vec<T>> = Vec::deserialize(d)?;
         let got = v.len();
         v.try_into().map_err(|_| D::Error::custom(format!("expected {N} state buffers, found {got}")))
@@ -113,7 +115,8 @@ impl<T: Float> Optimizer<T> for Sgd<T> {
     fn update_tensor(&mut self, index: usize, param: &mut [T], grad: &[T], lr: f64) -> Result<(), OptimError> {
         check_lr(lr)?;
         let c = self.config;
-        let s = self.states.get_or_init(index, param.len(), grad.len(), || Buffers::filled(param.len(), [T::zero()]))?;
+        let s =
+            self.states.get_or_init(index, param.len(), grad.len(), || Buffers::filled(param.len(), [T::zero()]))?;
         s.t += 1;
         let first = s.t == 1;
         let (mu, damp, wd, lr) = (T::of(c.momentum), T::of(1.0 - c.dampening), T::of(c.weight_decay), T::of(lr));
@@ -247,7 +250,13 @@ fn adam_kernel<T: Float, const KIND: u8>(k: &AdamScalars<T>, (p, g, m, v, x): Ad
 simd_kernel!(fn adam_chunk[T: Float, const KIND: u8](k: &AdamScalars<T>, views: AdamViews<'_, T>) = adam_kernel[T, KIND]);
 
 /// The shared update of Adam, AMSGrad and AVGrad.
-fn adam_like_update<T: Float, const N: usize, const KIND: u8>(c: &AdamConfig, s: &mut Buffers<T, N>, param: &mut [T], grad: &[T], lr: f64) {
+fn adam_like_update<T: Float, const N: usize, const KIND: u8>(
+    c: &AdamConfig,
+    s: &mut Buffers<T, N>,
+    param: &mut [T],
+    grad: &[T],
+    lr: f64,
+) {
     s.t += 1;
     let t = s.t;
     let k = AdamScalars {
@@ -370,7 +379,8 @@ impl<T: Float> Optimizer<T> for Yogi<T> {
         check_lr(lr)?;
         let c = self.config;
         let init = T::of(c.initial_accumulator);
-        let s = self.states.get_or_init(index, param.len(), grad.len(), || Buffers::filled(param.len(), [init, init]))?;
+        let s =
+            self.states.get_or_init(index, param.len(), grad.len(), || Buffers::filled(param.len(), [init, init]))?;
         s.t += 1;
         let step_size = T::of(lr / debias(c.beta1, s.t));
         let inv_bc2_sqrt = T::of(1.0 / debias(c.beta2, s.t).sqrt());
@@ -473,7 +483,9 @@ impl<T: Float> Optimizer<T> for Adan<T> {
             T::of(c.eps),
         ];
         let [m, a, n, prev] = &mut s.bufs;
-        par::for_each((param, grad, (&mut m[..], &mut a[..], &mut n[..], &mut prev[..])), &|views| adan_chunk(&k, views));
+        par::for_each((param, grad, (&mut m[..], &mut a[..], &mut n[..], &mut prev[..])), &|views| {
+            adan_chunk(&k, views)
+        });
         Ok(())
     }
 
@@ -546,7 +558,8 @@ impl<T: Float> Optimizer<T> for Lion<T> {
     fn update_tensor(&mut self, index: usize, param: &mut [T], grad: &[T], lr: f64) -> Result<(), OptimError> {
         check_lr(lr)?;
         let c = self.config;
-        let s = self.states.get_or_init(index, param.len(), grad.len(), || Buffers::filled(param.len(), [T::zero()]))?;
+        let s =
+            self.states.get_or_init(index, param.len(), grad.len(), || Buffers::filled(param.len(), [T::zero()]))?;
         s.t += 1;
         let k = [T::of(c.beta1), T::of(1.0 - c.beta1), T::of(c.beta2), T::of(1.0 - c.beta2), T::of(lr)];
         let [m] = &mut s.bufs;

@@ -222,7 +222,6 @@ impl<T: CandleFloat, O: Optimizer<T>> VarOptimizer<T, O> {
         Self::with_slices(&host, |slices| opt.prepare(slices))?.map_err(err)
     }
 
-
     /// Update every variable that has a gradient, without [`prepare`](Self::prepare).
     pub fn update(&mut self, grads: &GradStore) -> candle_core::Result<()> {
         for index in 0..self.vars.len() {
@@ -282,4 +281,3 @@ impl<T: CandleFloat, O: Optimizer<T>> candle_nn::Optimizer for VarOptimizer<T, O
         self.lr = lr;
     }
 }
-

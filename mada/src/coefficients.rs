@@ -72,10 +72,8 @@ pub struct CoefficientBox {
 
 impl CoefficientBox {
     /// The official code's box.
-    pub const OFFICIAL: CoefficientBox = CoefficientBox {
-        lo: [0.01, 0.501, 0.0, 0.0, 0.0, 0.0],
-        hi: [0.99, 0.99, 0.99, 1.0, 1.0, 1.0],
-    };
+    pub const OFFICIAL: CoefficientBox =
+        CoefficientBox { lo: [0.01, 0.501, 0.0, 0.0, 0.0, 0.0], hi: [0.99, 0.99, 0.99, 1.0, 1.0, 1.0] };
 
     /// Clamp a coefficient vector into the box (the projection of the hyper-step).
     pub fn project(&self, q: Coefficients) -> Coefficients {

@@ -138,7 +138,8 @@ impl MadaConfig {
         }
         // β1 and β2 must stay away from 0 (the partials divide by β1) and below 1 (bias
         // correction divides by 1 − β^t).
-        if self.bounds.lo[0] <= 0.0 || self.bounds.hi[0] >= 1.0 || self.bounds.lo[1] <= 0.0 || self.bounds.hi[1] >= 1.0 {
+        if self.bounds.lo[0] <= 0.0 || self.bounds.hi[0] >= 1.0 || self.bounds.lo[1] <= 0.0 || self.bounds.hi[1] >= 1.0
+        {
             return Err(OptimError::Unsupported("the box must keep beta1 and beta2 inside (0, 1)".into()));
         }
         if self.bounds.hi[2] >= 1.0 {
@@ -496,9 +497,7 @@ impl<T: Float> Mada<T> {
             (&state.g_prev[..], &state.d_prev[..], &state.v_prev[..], &state.m[..]),
             (&state.v[..], &state.v_mean[..], &state.n[..], &state.lion_sign[..]),
         );
-        let sums = par::fold(views, &|chunk| partial_sums(&k, chunk), &|a, b| {
-            std::array::from_fn(|i| a[i] + b[i])
-        });
+        let sums = par::fold(views, &|chunk| partial_sums(&k, chunk), &|a, b| std::array::from_fn(|i| a[i] + b[i]));
         Ok(sums.map(|s| -state.last_lr * s))
     }
 
@@ -533,7 +532,12 @@ impl<T: Float> Mada<T> {
     }
 
     /// [`Optimizer::step`] with a report of what happened.
-    pub fn step_with_info(&mut self, params: &mut [&mut [T]], grads: &[&[T]], lr: f64) -> Result<MadaStepInfo, OptimError> {
+    pub fn step_with_info(
+        &mut self,
+        params: &mut [&mut [T]],
+        grads: &[&[T]],
+        lr: f64,
+    ) -> Result<MadaStepInfo, OptimError> {
         if params.len() != grads.len() {
             return Err(OptimError::TensorCountMismatch { params: params.len(), grads: grads.len() });
         }
@@ -631,8 +635,15 @@ fn update_kernel<T: Float, const TEXTBOOK: bool, const TRACK: bool>(k: &Scalars<
     let (p, g, (m, v, v_mean, n), (g_prev, lion_m), (d_prev, v_prev, lion_sign)) = views;
     let len = p.len();
     // Re-slice to one length so the loop has no bounds checks and vectorizes.
-    let (g, m, v, v_mean, n, g_prev, lion_m) =
-        (&g[..len], &mut m[..len], &mut v[..len], &mut v_mean[..len], &mut n[..len], &mut g_prev[..len], &mut lion_m[..len]);
+    let (g, m, v, v_mean, n, g_prev, lion_m) = (
+        &g[..len],
+        &mut m[..len],
+        &mut v[..len],
+        &mut v_mean[..len],
+        &mut n[..len],
+        &mut g_prev[..len],
+        &mut lion_m[..len],
+    );
     let tracked = if TRACK { len } else { 0 };
     let (d_prev, v_prev, lion_sign) = (&mut d_prev[..tracked], &mut v_prev[..tracked], &mut lion_sign[..tracked]);
     for i in 0..len {
@@ -666,7 +677,8 @@ impl<T: Float> Optimizer<T> for Mada<T> {
         let track = self.tracks();
         let config = self.config;
         let q = self.hyper.coefficients();
-        let state = self.states.get_or_init(index, param.len(), grad.len(), || MadaTensorState::new(grad, &config, track))?;
+        let state =
+            self.states.get_or_init(index, param.len(), grad.len(), || MadaTensorState::new(grad, &config, track))?;
         if state.tracks() != track {
             return Err(OptimError::Unsupported(format!(
                 "tensor {index}: state was created with hyper-gradient tracking {}, the optimizer now has it {}",

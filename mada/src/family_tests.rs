@@ -20,16 +20,7 @@ struct Elem {
 }
 
 fn elem() -> impl Strategy<Value = Elem> {
-    (
-        -2.0..2.0f64,
-        -1.0..1.0f64,
-        1e-3..2.0f64,
-        1e-3..2.0f64,
-        -1.0..1.0f64,
-        -2.0..2.0f64,
-        -1.0..1.0f64,
-        -3.0..3.0f64,
-    )
+    (-2.0..2.0f64, -1.0..1.0f64, 1e-3..2.0f64, 1e-3..2.0f64, -1.0..1.0f64, -2.0..2.0f64, -1.0..1.0f64, -3.0..3.0f64)
         .prop_map(|(g, m, v_old, v_mean, n, g_prev, lion_m, w)| Elem { g, m, v_old, v_mean, n, g_prev, lion_m, w })
 }
 
@@ -37,11 +28,7 @@ fn elem() -> impl Strategy<Value = Elem> {
 /// where the finite differences still stay inside).
 fn coefficient(lo: f64, hi: f64) -> impl Strategy<Value = f64> {
     let margin = 2e-4;
-    prop_oneof![
-        (lo + margin)..(hi - margin),
-        (lo + margin)..(lo + 1e-3),
-        (hi - 1e-3)..(hi - margin),
-    ]
+    prop_oneof![(lo + margin)..(hi - margin), (lo + margin)..(lo + 1e-3), (hi - 1e-3)..(hi - margin),]
 }
 
 fn coefficients() -> impl Strategy<Value = Coefficients> {
@@ -78,7 +65,14 @@ fn optimizer_in_state(elems: &[Elem], t_before: u64, q: Coefficients, semantics:
 
 /// φ(q) = Σ_i w_i·(−η·u_i(q)): the one-step loss of a linear next loss with gradient w, minus
 /// the constant Σ w_i x_{t−1,i}. `mean_detached` holds v̄_t fixed, as the official code does.
-fn one_step_loss(elems: &[Elem], t: u64, lr: f64, q: &Coefficients, semantics: Semantics, mean_detached: &[f64]) -> f64 {
+fn one_step_loss(
+    elems: &[Elem],
+    t: u64,
+    lr: f64,
+    q: &Coefficients,
+    semantics: Semantics,
+    mean_detached: &[f64],
+) -> f64 {
     let config = MadaConfig { semantics, ..MadaConfig::default() };
     let k = Scalars::<f64>::new(q, t, lr, &config);
     elems
@@ -101,7 +95,13 @@ fn finite_difference(f: impl Fn(f64) -> f64, x: f64, delta: f64) -> f64 {
     (4.0 * d(delta / 2.0) - d(delta)) / 3.0
 }
 
-fn analytic_hypergradient(elems: &[Elem], t: u64, lr: f64, q: Coefficients, semantics: Semantics) -> ([f64; 6], Vec<f64>) {
+fn analytic_hypergradient(
+    elems: &[Elem],
+    t: u64,
+    lr: f64,
+    q: Coefficients,
+    semantics: Semantics,
+) -> ([f64; 6], Vec<f64>) {
     let mut opt = optimizer_in_state(elems, t - 1, q, semantics);
     let mut x = vec![0.0; elems.len()];
     let g: Vec<f64> = elems.iter().map(|e| e.g).collect();
@@ -112,7 +112,13 @@ fn analytic_hypergradient(elems: &[Elem], t: u64, lr: f64, q: Coefficients, sema
     (h, v_mean_t)
 }
 
-fn check_against_finite_differences(elems: &[Elem], t: u64, lr: f64, q: Coefficients, semantics: Semantics) -> Result<(), TestCaseError> {
+fn check_against_finite_differences(
+    elems: &[Elem],
+    t: u64,
+    lr: f64,
+    q: Coefficients,
+    semantics: Semantics,
+) -> Result<(), TestCaseError> {
     // Keep away from the kink of s_t = sign(ĝ² − v_{t−1}) so the perturbation cannot cross it.
     for e in elems {
         let ghat = e.g + q.beta3 * (e.g - e.g_prev);
@@ -180,7 +186,15 @@ fn the_stop_gradient_on_the_mean_matters() {
         e.w * (-lr * element_update::<f64, false>(&k, e.g, e.m, e.v_old, e.v_mean, e.n, e.g_prev, e.lion_m, None).u)
     };
     let fd_full = finite_difference(full, q.beta2, 1e-4);
-    let detached = finite_difference(|x| { let mut qq = q; qq.beta2 = x; one_step_loss(&elems, t, lr, &qq, Semantics::OfficialCode, &v_mean_t) }, q.beta2, 1e-4);
+    let detached = finite_difference(
+        |x| {
+            let mut qq = q;
+            qq.beta2 = x;
+            one_step_loss(&elems, t, lr, &qq, Semantics::OfficialCode, &v_mean_t)
+        },
+        q.beta2,
+        1e-4,
+    );
     assert!((h[1] - detached).abs() < 1e-9 * h[1].abs().max(1.0));
     assert!((h[1] - fd_full).abs() > 1e-4 * h[1].abs(), "h={} full={fd_full}", h[1]);
 }
@@ -203,12 +217,15 @@ fn at_the_first_update_the_beta1_rho_and_c_hypergradients_vanish() {
 
 #[test]
 fn parallel_kernels_equal_the_single_threaded_run_bit_for_bit() {
-    let n = 3 * crate::par::PAR_MIN_LEN + 123;
+    let n = 3 * par::PAR_MIN_LEN + 123;
     let run = || {
-        let mut opt = Mada::<f32>::new(MadaConfig::default(), HyperConfig::mada([1e-3; 6]), Coefficients::avgrad(0.9, 0.95)).unwrap();
+        let mut opt =
+            Mada::<f32>::new(MadaConfig::default(), HyperConfig::mada([1e-3; 6]), Coefficients::avgrad(0.9, 0.95))
+                .unwrap();
         let mut x: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
         for step in 0..4 {
-            let g: Vec<f32> = x.iter().enumerate().map(|(i, v)| v * (1.0 + (i % 3) as f32) + 0.01 * step as f32).collect();
+            let g: Vec<f32> =
+                x.iter().enumerate().map(|(i, v)| v * (1.0 + (i % 3) as f32) + 0.01 * step as f32).collect();
             opt.step(&mut [&mut x[..]], &[&g[..]], 1e-2).unwrap();
         }
         (x, opt.coefficients())

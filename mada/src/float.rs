@@ -8,15 +8,7 @@ use std::fmt::Debug;
 /// global scalars); per-element arithmetic runs in `Self`, so an `f64` run is exact to the
 /// references and an `f32` run costs what an `f32` Adam step costs.
 pub trait Float:
-    num_traits::Float
-    + Copy
-    + Default
-    + Debug
-    + Send
-    + Sync
-    + serde::Serialize
-    + serde::de::DeserializeOwned
-    + 'static
+    num_traits::Float + Copy + Default + Debug + Send + Sync + serde::Serialize + serde::de::DeserializeOwned + 'static
 {
     /// Bytes of one element.
     const BYTES: usize;

@@ -213,7 +213,7 @@ mod tests {
         assert!((h.coefficients().rho - 0.1).abs() < 1e-15); // b = −1
         h.step([0.0, 0.0, 0.0, -1.0, 0.0, 0.0], 2, &b).unwrap();
         assert!((h.coefficients().rho - 0.25).abs() < 1e-15); // b = 0.5·(−1) − 1
-        // other coefficients untouched
+                                                              // other coefficients untouched
         assert_eq!(h.coefficients().beta1, 0.9);
     }
 

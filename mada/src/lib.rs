@@ -37,7 +37,9 @@ pub mod spec;
 #[cfg(feature = "candle")]
 pub mod candle;
 
-pub use baselines::{Adam, AdamConfig, Adan, AdanConfig, AmsGrad, AvGrad, Lion, LionConfig, Sgd, SgdConfig, Yogi, YogiConfig};
+pub use baselines::{
+    Adam, AdamConfig, Adan, AdanConfig, AmsGrad, AvGrad, Lion, LionConfig, Sgd, SgdConfig, Yogi, YogiConfig,
+};
 pub use coefficients::{Coef, CoefficientBox, Coefficients};
 pub use error::OptimError;
 pub use family::{Mada, MadaConfig, MadaStepInfo, MadaTensorState, Semantics};

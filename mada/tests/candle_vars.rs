@@ -13,7 +13,9 @@ const D: usize = 3;
 
 fn data() -> (Vec<f64>, Vec<f64>) {
     let x: Vec<f64> = (0..N * D).map(|i| ((i * 37 % 11) as f64 - 5.0) / 5.0).collect();
-    let y: Vec<f64> = (0..N).map(|r| 0.7 * x[r * D] - 1.3 * x[r * D + 1] + 0.2 * x[r * D + 2] + 0.5 + 0.05 * (r as f64).sin()).collect();
+    let y: Vec<f64> = (0..N)
+        .map(|r| 0.7 * x[r * D] - 1.3 * x[r * D + 1] + 0.2 * x[r * D + 2] + 0.5 + 0.05 * (r as f64).sin())
+        .collect();
     (x, y)
 }
 
@@ -41,12 +43,19 @@ fn follow(spec: &str) {
     let w = Var::new(&[0.1f64, -0.2, 0.3], &dev).unwrap();
     let b = Var::new(&[0.0f64], &dev).unwrap();
     let lr = 0.05;
-    let mut opt = VarOptimizer::new(vec![w.clone(), b.clone()], (AnyOptimizer::<f64>::from_spec(&spec).unwrap(), lr)).unwrap();
+    let mut opt =
+        VarOptimizer::new(vec![w.clone(), b.clone()], (AnyOptimizer::<f64>::from_spec(&spec).unwrap(), lr)).unwrap();
 
     let mut slice_opt = AnyOptimizer::<f64>::from_spec(&spec).unwrap();
     let (mut ws, mut bs) = (vec![0.1f64, -0.2, 0.3], vec![0.0f64]);
     for step in 0..40 {
-        let pred = xt.matmul(&w.as_tensor().unsqueeze(1).unwrap()).unwrap().squeeze(1).unwrap().broadcast_add(b.as_tensor()).unwrap();
+        let pred = xt
+            .matmul(&w.as_tensor().unsqueeze(1).unwrap())
+            .unwrap()
+            .squeeze(1)
+            .unwrap()
+            .broadcast_add(b.as_tensor())
+            .unwrap();
         let loss = (pred - &yt).unwrap().sqr().unwrap().mean_all().unwrap();
         opt.backward_step(&loss).unwrap();
 

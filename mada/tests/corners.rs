@@ -77,7 +77,8 @@ fn c_zero_is_yogis_recursion() {
     let mut mada = frozen_mada(Coefficients::yogi(0.9, 0.99), 1e-6, Semantics::OfficialCode);
     let gap = max_trajectory_gap(&mut mada, &mut yogi, 200, 1e-2);
     assert!(gap < 1e-11, "gap {gap:e}");
-    let mut adam = Adam::<f64>::new(AdamConfig { beta1: 0.9, beta2: 0.99, eps: 1e-6, ..AdamConfig::default() }).unwrap();
+    let mut adam =
+        Adam::<f64>::new(AdamConfig { beta1: 0.9, beta2: 0.99, eps: 1e-6, ..AdamConfig::default() }).unwrap();
     let mut yogi = Yogi::<f64>::new(yogi_cfg).unwrap();
     assert!(max_trajectory_gap(&mut adam, &mut yogi, 200, 1e-2) > 1e-4);
 }
@@ -139,7 +140,8 @@ fn f32_runs_track_f64_runs() {
     let mut xb: Vec<f32> = x0().iter().map(|&v| v as f32).collect();
     for step in 0..50 {
         let ga = gradient(&xa, step);
-        let gb: Vec<f32> = gradient(&xb.iter().map(|&v| v as f64).collect::<Vec<_>>(), step).iter().map(|&v| v as f32).collect();
+        let gb: Vec<f32> =
+            gradient(&xb.iter().map(|&v| v as f64).collect::<Vec<_>>(), step).iter().map(|&v| v as f32).collect();
         a.step(&mut [&mut xa[..]], &[&ga[..]], 1e-2).unwrap();
         b.step(&mut [&mut xb[..]], &[&gb[..]], 1e-2).unwrap();
     }
@@ -149,7 +151,8 @@ fn f32_runs_track_f64_runs() {
 
 #[test]
 fn wrong_shapes_are_errors_not_panics() {
-    let mut opt = Mada::<f64>::new(MadaConfig::default(), HyperConfig::mada([1e-3; 6]), Coefficients::default()).unwrap();
+    let mut opt =
+        Mada::<f64>::new(MadaConfig::default(), HyperConfig::mada([1e-3; 6]), Coefficients::default()).unwrap();
     let mut x = [1.0, 2.0];
     let e = opt.step(&mut [&mut x[..]], &[&[1.0][..]], 0.1).unwrap_err().to_string();
     assert!(e.contains("tensor 0") && e.contains("2 elements"), "{e}");

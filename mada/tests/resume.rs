@@ -41,7 +41,8 @@ fn run_steps<T: Float>(opt: &mut AnyOptimizer<T>, x: &mut [Vec<T>], from: usize,
 
 fn check<T: Float>(spec: &str) {
     let spec: OptimizerSpec = serde_json::from_str(spec).unwrap();
-    let x0: Vec<Vec<T>> = vec![(0..40).map(|i| T::of((i as f64 * 0.3).cos())).collect(), (0..7).map(|i| T::of(i as f64 - 3.0)).collect()];
+    let x0: Vec<Vec<T>> =
+        vec![(0..40).map(|i| T::of((i as f64 * 0.3).cos())).collect(), (0..7).map(|i| T::of(i as f64 - 3.0)).collect()];
     let mut straight = AnyOptimizer::<T>::from_spec(&spec).unwrap();
     let mut xs = x0.clone();
     run_steps(&mut straight, &mut xs, 0, 12);

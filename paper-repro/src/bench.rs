@@ -9,10 +9,10 @@ use anyhow::Result;
 
 use crate::data::text::{prepare, Tokenizer};
 use crate::data::vision::VisionData;
-use crate::gpt::GptConfig;
-use crate::spec::{RunSpec, Schedule, Task, TextData};
-use crate::train::Trainer;
-use crate::vision::VisionModelConfig;
+use crate::models::gpt::GptConfig;
+use crate::models::vision::VisionModelConfig;
+use crate::run::spec::{RunSpec, Schedule, Task, TextData};
+use crate::run::Trainer;
 
 const ADAM: &str = r#"{"name": "adam", "beta1": 0.9, "beta2": 0.99, "eps": 1e-8}"#;
 const MADA: &str = r#"{"name": "mada", "eps": 1e-8, "coefficients": {"beta1": 0.9, "beta2": 0.99, "beta3": 0.0, "rho": 1.0, "c": 1.0, "gamma": 1.0},
@@ -52,7 +52,8 @@ fn measure(spec: &RunSpec, steps: u64) -> Result<(f64, f64, f64)> {
 
 /// The forward matrix products of one baby-GPT layer at batch 8 × 256 tokens (q|k|v, attention
 /// output, MLP in, MLP out): (rows, inner, cols).
-const BABY_GPT_MATMULS: [(usize, usize, usize); 4] = [(2048, 384, 1152), (2048, 384, 384), (2048, 384, 1536), (2048, 1536, 384)];
+const BABY_GPT_MATMULS: [(usize, usize, usize); 4] =
+    [(2048, 384, 1152), (2048, 384, 384), (2048, 384, 1536), (2048, 1536, 384)];
 
 /// GFLOP/s of candle's CPU matmul (the `gemm` crate) on the baby GPT's layer shapes, median of
 /// `reps`: the ceiling the rest of a training step is measured against.
@@ -88,7 +89,14 @@ pub fn run(scratch: &Path, steps: u64) -> Result<()> {
     // The baby GPT of nanoGPT's shakespeare_char (its 65 characters; Macbeth has a few more).
     let mut baby = GptConfig::baby_char(meta.vocab.size());
     baby.dropout = 0.0;
-    let lm = || Task::Lm { data: TextData { dir: corpus.clone() }, model: baby.clone(), init_from: None, init_from_hf: false, eval_chunks: 1, eval_batch: 1 };
+    let lm = || Task::Lm {
+        data: TextData { dir: corpus.clone() },
+        model: baby.clone(),
+        init_from: None,
+        init_from_hf: false,
+        eval_chunks: 1,
+        eval_batch: 1,
+    };
     for (name, opt) in [("adam", ADAM), ("mada", MADA)] {
         let spec = base(lm(), opt, 8);
         let (tps, model, optim) = measure(&spec, steps)?;
@@ -96,9 +104,17 @@ pub fn run(scratch: &Path, steps: u64) -> Result<()> {
         println!("  batch 8 × 256 tokens: forward+backward {:.0} ms, optimizer (hyper-gradient, clip, decay, update) {:.1} ms", model * 1e3, optim * 1e3);
     }
     let fashion = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/fashion-mnist-mini");
-    for (model_name, model) in [("cnn", VisionModelConfig::cnn()), ("resnet", VisionModelConfig::Resnet { blocks: vec![1, 1, 1], widths: vec![16, 32, 64] })] {
+    for (model_name, model) in [
+        ("cnn", VisionModelConfig::cnn()),
+        ("resnet", VisionModelConfig::Resnet { blocks: vec![1, 1, 1], widths: vec![16, 32, 64] }),
+    ] {
         for (name, opt) in [("adam", ADAM), ("mada", MADA)] {
-            let task = Task::Vision { data: VisionData::FashionMnist { dir: fashion.clone() }, model: model.clone(), train_subset: 0, test_subset: 0 };
+            let task = Task::Vision {
+                data: VisionData::FashionMnist { dir: fashion.clone() },
+                model: model.clone(),
+                train_subset: 0,
+                test_subset: 0,
+            };
             let (ips, m, o) = measure(&base(task, opt, 128), steps)?;
             println!("{model_name} images/s ({name}): {ips:.0}");
             println!("  batch 128: forward+backward {:.0} ms, optimizer {:.1} ms", m * 1e3, o * 1e3);

@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use mada::{Coefficients, OptimizerSpec};
 use serde::{Deserialize, Serialize};
 
-use crate::spec::{RunSpec, Task};
+use crate::run::spec::{RunSpec, Task};
 
 /// What an experiment produces.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -222,7 +222,9 @@ impl Experiment {
             for &seed in seeds {
                 for point in &points {
                     let (mut optimizer, label) = match point {
-                        Some((b1, b2)) => (at_grid_point(&named.spec, *b1, *b2)?, format!("{} b1={b1} b2={b2}", named.label)),
+                        Some((b1, b2)) => {
+                            (at_grid_point(&named.spec, *b1, *b2)?, format!("{} b1={b1} b2={b2}", named.label))
+                        }
                         None => (named.spec.clone(), named.label.clone()),
                     };
                     if let (Some(start), OptimizerSpec::Mada(m)) = (t.hyper_start, &mut optimizer) {
@@ -232,15 +234,28 @@ impl Experiment {
                     table.insert("label".into(), toml::Value::String(label.clone()));
                     table.insert("seed".into(), toml::Value::Integer(seed as i64));
                     table.insert("optimizer".into(), toml::Value::try_from(&optimizer)?);
-                    let mut spec: RunSpec = table
-                        .try_into()
-                        .with_context(|| format!("{}: tier `{tier}`: the run table does not make a valid run", self.file.display()))?;
+                    let mut spec: RunSpec = table.try_into().with_context(|| {
+                        format!("{}: tier `{tier}`: the run table does not make a valid run", self.file.display())
+                    })?;
                     spec.schedule.lr *= named.lr_scale;
                     spec.schedule.min_lr *= named.lr_scale;
                     self.resolve_references(&mut spec, tier, runs_root)?;
-                    spec.validate().with_context(|| format!("{}: tier `{tier}`, optimizer `{key}`", self.file.display()))?;
-                    let dir = runs_root.join(&self.artifact).join(tier).join(format!("{}-s{seed}-{}", dir_label(&label), spec.id()));
-                    out.push(PlannedRun { artifact: self.artifact.clone(), tier: tier.into(), key: key.clone(), seed, grid_point: *point, spec, dir });
+                    spec.validate()
+                        .with_context(|| format!("{}: tier `{tier}`, optimizer `{key}`", self.file.display()))?;
+                    let dir = runs_root.join(&self.artifact).join(tier).join(format!(
+                        "{}-s{seed}-{}",
+                        dir_label(&label),
+                        spec.id()
+                    ));
+                    out.push(PlannedRun {
+                        artifact: self.artifact.clone(),
+                        tier: tier.into(),
+                        key: key.clone(),
+                        seed,
+                        grid_point: *point,
+                        spec,
+                        dir,
+                    });
                 }
             }
         }
@@ -262,7 +277,9 @@ impl Experiment {
                     .plan(tier, runs_root)?
                     .into_iter()
                     .find(|pr| pr.key == key && pr.seed == seed && pr.grid_point.is_none())
-                    .with_context(|| format!("{}: @{r} names no run of {artifact} at tier {tier}", self.file.display()))?;
+                    .with_context(|| {
+                        format!("{}: @{r} names no run of {artifact} at tier {tier}", self.file.display())
+                    })?;
                 *p = run.dir;
             }
         }

@@ -1,14 +1,19 @@
 //! # paper-repro — the MADA paper's experiments in candle
-pub mod data;
-pub mod gpt;
-pub mod nn;
-pub mod vision;
-pub mod ops;
-pub mod spec;
-pub mod train;
-pub mod catalog;
-pub mod tables;
-pub mod figures;
-pub mod report;
-pub mod reproduce;
+//!
+//! Two programs in one crate, in folders by concern:
+//! - the neural-network engine: [`models`] (layers, GPT-2, vision models, fused CPU operators)
+//!   and [`data`] (corpora, token files, image sets);
+//! - the reproduction pipeline: [`catalog`] (the experiments as data), [`run`] (one training
+//!   run: spec, loop, checkpoints, its folder's files), [`results`] (tables, figures, report),
+//!   [`reproduce`] (orchestration) and [`bench`].
+//!
+//! [`paths`] holds every path the crate derives.
+
 pub mod bench;
+pub mod catalog;
+pub mod data;
+pub mod models;
+pub mod paths;
+pub mod reproduce;
+pub mod results;
+pub mod run;

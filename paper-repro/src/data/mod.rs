@@ -1,4 +1,7 @@
-//! Data: token corpora (text) and image datasets (vision), and the default corpora.
+//! Data: token corpora ([`text`]), image datasets ([`vision`]), the default corpora's sources
+//! ([`corpora`]) and the smoke tier's embedded files ([`embedded`]).
+
 pub mod corpora;
+pub mod embedded;
 pub mod text;
 pub mod vision;

@@ -12,7 +12,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use analysis::io::write_atomically;
+use outputs::write_atomically;
 
 /// The GPT-2 end-of-text token.
 pub const EOT: u32 = 50256;
@@ -37,7 +37,10 @@ impl Vocab {
 
     pub fn decode(&self, tokens: &[u32]) -> Result<String> {
         match self {
-            Vocab::Char { chars } => tokens.iter().map(|&t| chars.get(t as usize).copied().with_context(|| format!("token {t} out of vocabulary"))).collect(),
+            Vocab::Char { chars } => tokens
+                .iter()
+                .map(|&t| chars.get(t as usize).copied().with_context(|| format!("token {t} out of vocabulary")))
+                .collect(),
             Vocab::Bpe => Ok(tiktoken_rs::r50k_base()?.decode(tokens)?),
         }
     }
@@ -71,7 +74,11 @@ impl TokenFile {
             bail!("token file {} is empty", path.display());
         }
         if map.len() % 2 != 0 {
-            bail!("token file {} is truncated: {} bytes is not a whole number of uint16 tokens", path.display(), map.len());
+            bail!(
+                "token file {} is truncated: {} bytes is not a whole number of uint16 tokens",
+                path.display(),
+                map.len()
+            );
         }
         Ok(Self { path: path.to_path_buf(), map })
     }
@@ -114,17 +121,27 @@ impl Corpus {
         let val = TokenFile::open(&dir.join("val.bin"))?;
         let meta_path = dir.join("meta.json");
         let meta = if meta_path.exists() {
-            let text = std::fs::read_to_string(&meta_path).with_context(|| format!("cannot read {}", meta_path.display()))?;
+            let text =
+                std::fs::read_to_string(&meta_path).with_context(|| format!("cannot read {}", meta_path.display()))?;
             serde_json::from_str(&text).with_context(|| format!("invalid {}", meta_path.display()))?
         } else {
-            Meta { vocab: Vocab::Bpe, source: format!("nanoGPT-prepared {}", dir.display()), train_tokens: train.len(), val_tokens: val.len() }
+            Meta {
+                vocab: Vocab::Bpe,
+                source: format!("nanoGPT-prepared {}", dir.display()),
+                train_tokens: train.len(),
+                val_tokens: val.len(),
+            }
         };
         let vocab = meta.vocab.size();
         for f in [&train, &val] {
             // A full scan is cheap next to training and catches a wrong meta.json early.
             let step = (f.len() / 100_000).max(1);
             if let Some(i) = (0..f.len()).step_by(step).find(|&i| f.token(i) as usize >= vocab) {
-                bail!("{}: token {} at position {i} is outside the vocabulary of {vocab} given by meta.json", f.path().display(), f.token(i));
+                bail!(
+                    "{}: token {} at position {i} is outside the vocabulary of {vocab} given by meta.json",
+                    f.path().display(),
+                    f.token(i)
+                );
             }
         }
         Ok(Self { dir: dir.to_path_buf(), meta, train, val })
@@ -132,12 +149,22 @@ impl Corpus {
 
     /// A random training batch (x, y) of `batch` windows of `block` tokens; the windows of
     /// (seed, step, micro) are always the same, so a resumed run sees the same data.
-    pub fn train_batch(&self, batch: usize, block: usize, seed: u64, step: u64, micro: u64, device: &Device) -> Result<(Tensor, Tensor)> {
+    pub fn train_batch(
+        &self,
+        batch: usize,
+        block: usize,
+        seed: u64,
+        step: u64,
+        micro: u64,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
         let f = &self.train;
         if f.len() <= block + 1 {
             bail!("{} has {} tokens, fewer than block_size + 1 = {}", f.path().display(), f.len(), block + 1);
         }
-        let mut rng = StdRng::seed_from_u64(seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ micro.wrapping_mul(0xD1B5_4A32_D192_ED03));
+        let mut rng = StdRng::seed_from_u64(
+            seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ micro.wrapping_mul(0xD1B5_4A32_D192_ED03),
+        );
         let starts: Vec<usize> = (0..batch).map(|_| rng.random_range(0..f.len() - block - 1)).collect();
         windows(f, &starts, block, device)
     }
@@ -152,7 +179,13 @@ impl Corpus {
         }
         let chunk = ((f.len() - block - 1) / count.max(1)).max(1);
         Ok((0..count)
-            .map(|k| (chunk * k..chunk * (k + 1)).step_by(block).take(max_batch).filter(|s| s + block < f.len()).collect::<Vec<_>>())
+            .map(|k| {
+                (chunk * k..chunk * (k + 1))
+                    .step_by(block)
+                    .take(max_batch)
+                    .filter(|s| s + block < f.len())
+                    .collect::<Vec<_>>()
+            })
             .filter(|b| !b.is_empty())
             .collect())
     }
@@ -222,7 +255,11 @@ pub fn prepare(documents: &[String], tokenizer: Tokenizer, out: &Path, source: &
             } else {
                 let (mut train, mut val) = (Vec::new(), Vec::new());
                 for (i, d) in documents.iter().enumerate() {
-                    if i % 10 == 9 { val.extend(encode(d)) } else { train.extend(encode(d)) }
+                    if i % 10 == 9 {
+                        val.extend(encode(d))
+                    } else {
+                        train.extend(encode(d))
+                    }
                 }
                 (train, val, Vocab::Bpe)
             }
@@ -246,7 +283,8 @@ mod tests {
         let meta = prepare(std::slice::from_ref(&text), Tokenizer::Char, dir.path(), "test").unwrap();
         let c = Corpus::open(dir.path()).unwrap();
         assert_eq!(c.meta, meta);
-        let all: Vec<u32> = (0..c.train.len()).map(|i| c.train.token(i)).chain((0..c.val.len()).map(|i| c.val.token(i))).collect();
+        let all: Vec<u32> =
+            (0..c.train.len()).map(|i| c.train.token(i)).chain((0..c.val.len()).map(|i| c.val.token(i))).collect();
         assert_eq!(meta.vocab.decode(&all).unwrap(), text);
         let (x1, y1) = c.train_batch(4, 16, 7, 3, 0, &Device::Cpu).unwrap();
         let (x2, _) = c.train_batch(4, 16, 7, 3, 0, &Device::Cpu).unwrap();

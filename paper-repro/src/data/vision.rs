@@ -60,12 +60,22 @@ impl ImageSet {
     /// The first `n` examples.
     pub fn take(&self, n: usize) -> ImageSet {
         let n = n.min(self.len());
-        ImageSet { images: self.images[..n * self.image_size()].to_vec(), labels: self.labels[..n].to_vec(), ..self.clone() }
+        ImageSet {
+            images: self.images[..n * self.image_size()].to_vec(),
+            labels: self.labels[..n].to_vec(),
+            ..self.clone()
+        }
     }
 
     /// A batch of the examples `indices`, normalized with `stats`, augmented if `augment` is
     /// given (seeded), as (images f32 (B, C, H, W), labels u32 (B)).
-    pub fn batch(&self, indices: &[usize], stats: &[(f32, f32)], augment: Option<&mut StdRng>, device: &Device) -> Result<(Tensor, Tensor)> {
+    pub fn batch(
+        &self,
+        indices: &[usize],
+        stats: &[(f32, f32)],
+        augment: Option<&mut StdRng>,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
         let (c, h, w) = (self.channels, self.height, self.width);
         let size = self.image_size();
         let mut out = Vec::with_capacity(indices.len() * size);
@@ -108,7 +118,9 @@ fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
     let raw = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&raw[..]).read_to_end(&mut out).with_context(|| format!("{} is a truncated or corrupt gzip file", path.display()))?;
+        flate2::read::GzDecoder::new(&raw[..])
+            .read_to_end(&mut out)
+            .with_context(|| format!("{} is a truncated or corrupt gzip file", path.display()))?;
         Ok(out)
     } else {
         Ok(raw)
@@ -122,18 +134,28 @@ pub fn read_idx(path: &Path) -> Result<(Vec<usize>, Vec<u8>)> {
         bail!("{} is too short to be an IDX file", path.display());
     }
     if bytes[0] != 0 || bytes[1] != 0 || bytes[2] != 0x08 || !(1..=4).contains(&bytes[3]) {
-        bail!("{} has a wrong magic number {:02x?} (expected 00 00 08 0n: unsigned-byte IDX)", path.display(), &bytes[..4]);
+        bail!(
+            "{} has a wrong magic number {:02x?} (expected 00 00 08 0n: unsigned-byte IDX)",
+            path.display(),
+            &bytes[..4]
+        );
     }
     let ndim = bytes[3] as usize;
     let header = 4 + 4 * ndim;
     if bytes.len() < header {
         bail!("{} is truncated inside its header", path.display());
     }
-    let dims: Vec<usize> = (0..ndim).map(|k| u32::from_be_bytes(bytes[4 + 4 * k..8 + 4 * k].try_into().expect("4 bytes")) as usize).collect();
+    let dims: Vec<usize> = (0..ndim)
+        .map(|k| u32::from_be_bytes(bytes[4 + 4 * k..8 + 4 * k].try_into().expect("4 bytes")) as usize)
+        .collect();
     let expected: usize = dims.iter().product();
     let data = &bytes[header..];
     if data.len() != expected {
-        bail!("{} is truncated: its header announces {expected} bytes of data ({dims:?}), it holds {}", path.display(), data.len());
+        bail!(
+            "{} is truncated: its header announces {expected} bytes of data ({dims:?}), it holds {}",
+            path.display(),
+            data.len()
+        );
     }
     Ok((dims, data.to_vec()))
 }
@@ -148,8 +170,22 @@ fn first_existing(dir: &Path, names: &[&str]) -> Result<PathBuf> {
 
 /// MNIST or Fashion-MNIST (`train` or `t10k` split) from a folder of IDX files (gzip or plain).
 pub fn load_idx_split(dir: &Path, split: &str) -> Result<ImageSet> {
-    let img = first_existing(dir, &[&format!("{split}-images-idx3-ubyte.gz"), &format!("{split}-images-idx3-ubyte"), &format!("{split}-images.idx3-ubyte")])?;
-    let lab = first_existing(dir, &[&format!("{split}-labels-idx1-ubyte.gz"), &format!("{split}-labels-idx1-ubyte"), &format!("{split}-labels.idx1-ubyte")])?;
+    let img = first_existing(
+        dir,
+        &[
+            &format!("{split}-images-idx3-ubyte.gz"),
+            &format!("{split}-images-idx3-ubyte"),
+            &format!("{split}-images.idx3-ubyte"),
+        ],
+    )?;
+    let lab = first_existing(
+        dir,
+        &[
+            &format!("{split}-labels-idx1-ubyte.gz"),
+            &format!("{split}-labels-idx1-ubyte"),
+            &format!("{split}-labels.idx1-ubyte"),
+        ],
+    )?;
     let (idims, images) = read_idx(&img)?;
     let (ldims, labels) = read_idx(&lab)?;
     if idims.len() != 3 {
@@ -179,9 +215,14 @@ pub fn load_cifar(dir: &Path, classes: usize, train: bool) -> Result<ImageSet> {
     let (mut images, mut labels) = (Vec::new(), Vec::new());
     for f in files {
         let path = dir.join(&f);
-        let bytes = std::fs::read(&path).with_context(|| format!("cannot read {} (CIFAR binary version expected)", path.display()))?;
+        let bytes = std::fs::read(&path)
+            .with_context(|| format!("cannot read {} (CIFAR binary version expected)", path.display()))?;
         if bytes.is_empty() || bytes.len() % record != 0 {
-            bail!("{} is truncated: {} bytes is not a whole number of {record}-byte records", path.display(), bytes.len());
+            bail!(
+                "{} is truncated: {} bytes is not a whole number of {record}-byte records",
+                path.display(),
+                bytes.len()
+            );
         }
         for r in bytes.chunks_exact(record) {
             let label = r[label_bytes - 1];
@@ -204,9 +245,15 @@ pub enum VisionData {
         #[serde(default = "default_fashion_dir")]
         dir: PathBuf,
     },
-    Mnist { dir: PathBuf },
-    Cifar10 { dir: PathBuf },
-    Cifar100 { dir: PathBuf },
+    Mnist {
+        dir: PathBuf,
+    },
+    Cifar10 {
+        dir: PathBuf,
+    },
+    Cifar100 {
+        dir: PathBuf,
+    },
 }
 
 pub fn default_fashion_dir() -> PathBuf {
@@ -227,7 +274,9 @@ impl VisionData {
     /// (train, test).
     pub fn load(&self) -> Result<(ImageSet, ImageSet)> {
         match self {
-            VisionData::FashionMnist { dir } | VisionData::Mnist { dir } => Ok((load_idx_split(dir, "train")?, load_idx_split(dir, "t10k")?)),
+            VisionData::FashionMnist { dir } | VisionData::Mnist { dir } => {
+                Ok((load_idx_split(dir, "train")?, load_idx_split(dir, "t10k")?))
+            }
             VisionData::Cifar10 { dir } => Ok((load_cifar(dir, 10, true)?, load_cifar(dir, 10, false)?)),
             VisionData::Cifar100 { dir } => Ok((load_cifar(dir, 100, true)?, load_cifar(dir, 100, false)?)),
         }
@@ -241,7 +290,16 @@ impl VisionData {
 
 /// Write a small IDX pair (for tests and the smoke tier): `n` images of `h × w` from `pixel`.
 #[allow(clippy::too_many_arguments)]
-pub fn write_idx_pair(dir: &Path, split: &str, n: usize, h: usize, w: usize, gz: bool, pixel: impl Fn(usize, usize, usize) -> u8, label: impl Fn(usize) -> u8) -> Result<()> {
+pub fn write_idx_pair(
+    dir: &Path,
+    split: &str,
+    n: usize,
+    h: usize,
+    w: usize,
+    gz: bool,
+    pixel: impl Fn(usize, usize, usize) -> u8,
+    label: impl Fn(usize) -> u8,
+) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let mut img = vec![0, 0, 8, 3];
     for d in [n, h, w] {
@@ -261,9 +319,9 @@ pub fn write_idx_pair(dir: &Path, split: &str, n: usize, h: usize, w: usize, gz:
         if gz {
             let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
             std::io::Write::write_all(&mut enc, &bytes)?;
-            analysis::io::write_atomically(&dir.join(format!("{name}.gz")), &enc.finish()?)
+            outputs::write_atomically(&dir.join(format!("{name}.gz")), &enc.finish()?)
         } else {
-            analysis::io::write_atomically(&dir.join(name), &bytes)
+            outputs::write_atomically(&dir.join(name), &bytes)
         }
     };
     write(&format!("{split}-images-idx3-ubyte"), img)?;
@@ -278,7 +336,8 @@ mod tests {
     fn idx_gzip_and_plain_round_trip() {
         for gz in [true, false] {
             let dir = tempfile::tempdir().unwrap();
-            write_idx_pair(dir.path(), "train", 5, 4, 3, gz, |i, y, x| (i * 12 + y * 3 + x) as u8, |i| (i % 10) as u8).unwrap();
+            write_idx_pair(dir.path(), "train", 5, 4, 3, gz, |i, y, x| (i * 12 + y * 3 + x) as u8, |i| (i % 10) as u8)
+                .unwrap();
             write_idx_pair(dir.path(), "t10k", 2, 4, 3, gz, |_, _, _| 7, |_| 1).unwrap();
             let set = load_idx_split(dir.path(), "train").unwrap();
             assert_eq!((set.len(), set.height, set.width), (5, 4, 3));
@@ -337,12 +396,22 @@ mod tests {
 
     #[test]
     fn augmentation_is_seeded_and_shapes_hold() {
-        let set = ImageSet { images: (0..2 * 3 * 32 * 32).map(|i| (i % 251) as u8).collect(), labels: vec![1, 2], channels: 3, height: 32, width: 32, classes: 10 };
+        let set = ImageSet {
+            images: (0..2 * 3 * 32 * 32).map(|i| (i % 251) as u8).collect(),
+            labels: vec![1, 2],
+            channels: 3,
+            height: 32,
+            width: 32,
+            classes: 10,
+        };
         let stats = set.channel_stats();
         let (a, _) = set.batch(&[0, 1], &stats, Some(&mut StdRng::seed_from_u64(5)), &Device::Cpu).unwrap();
         let (b, y) = set.batch(&[0, 1], &stats, Some(&mut StdRng::seed_from_u64(5)), &Device::Cpu).unwrap();
         assert_eq!(a.dims(), &[2, 3, 32, 32]);
-        assert_eq!(a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert_eq!(
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
         assert_eq!(y.to_vec1::<u32>().unwrap(), vec![1, 2]);
         assert_ne!(epoch_order(100, 1, 0), epoch_order(100, 1, 1));
     }

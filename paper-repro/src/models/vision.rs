@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 use candle_core::{Device, Module, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::nn::{BatchNorm2d, Conv2d, Linear, ParamStore};
+use crate::models::nn::{BatchNorm2d, Conv2d, Linear, ParamStore};
 
 /// A vision model, as data.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -66,11 +66,21 @@ pub struct VisionModel {
 fn linear_init(ps: &mut ParamStore, name: &str, inp: usize, out: usize) -> Result<Linear> {
     // PyTorch's default: U(±1/√in) for weight and bias.
     let bound = 1.0 / (inp as f64).sqrt();
-    Ok(Linear { weight: ps.uniform(&format!("{name}.weight"), &[out, inp], bound)?, bias: Some(ps.uniform(&format!("{name}.bias"), &[out], bound)?) })
+    Ok(Linear {
+        weight: ps.uniform(&format!("{name}.weight"), &[out, inp], bound)?,
+        bias: Some(ps.uniform(&format!("{name}.bias"), &[out], bound)?),
+    })
 }
 
 impl VisionModel {
-    pub fn new(config: VisionModelConfig, channels: usize, size: (usize, usize), classes: usize, device: &Device, seed: u64) -> Result<Self> {
+    pub fn new(
+        config: VisionModelConfig,
+        channels: usize,
+        size: (usize, usize),
+        classes: usize,
+        device: &Device,
+        seed: u64,
+    ) -> Result<Self> {
         let mut ps = ParamStore::new(device, seed);
         let body = match &config {
             VisionModelConfig::Cnn { c1, c2, hidden } => {
@@ -98,7 +108,10 @@ impl VisionModel {
                         let stride = if s > 0 && b == 0 { 2 } else { 1 };
                         let p = format!("layer{}.{b}", s + 1);
                         let shortcut = if stride != 1 || inp != wd {
-                            Some((Conv2d::new(&mut ps, &format!("{p}.shortcut.conv"), inp, wd, 1, stride, 0, false)?, BatchNorm2d::new(&mut ps, &format!("{p}.shortcut.bn"), wd)?))
+                            Some((
+                                Conv2d::new(&mut ps, &format!("{p}.shortcut.conv"), inp, wd, 1, stride, 0, false)?,
+                                BatchNorm2d::new(&mut ps, &format!("{p}.shortcut.bn"), wd)?,
+                            ))
                         } else {
                             None
                         };
@@ -181,7 +194,8 @@ mod tests {
     #[test]
     fn batch_norm_switches_modes() {
         let dev = Device::Cpu;
-        let m = VisionModel::new(VisionModelConfig::Resnet { blocks: vec![1], widths: vec![4] }, 1, (8, 8), 3, &dev, 1).unwrap();
+        let m = VisionModel::new(VisionModelConfig::Resnet { blocks: vec![1], widths: vec![4] }, 1, (8, 8), 3, &dev, 1)
+            .unwrap();
         let x = Tensor::randn(0f32, 1.0, (4, 1, 8, 8), &dev).unwrap();
         let before = m.forward(&x, false).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         m.forward(&x, true).unwrap(); // updates running statistics

@@ -7,12 +7,12 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use analysis::io::write_atomically;
+use outputs::write_atomically;
 
 use crate::catalog::{self, Experiment, Kind};
-use crate::figures::{grid_figure, training_figures};
-use crate::reproduce::Paths;
-use crate::tables::{comparison, grid_markdown, grid_summaries, higher_is_better, RunData, Table};
+use crate::paths::Paths;
+use crate::results::figures::{grid_figure, training_figures};
+use crate::results::tables::{comparison, grid_markdown, grid_summaries, higher_is_better, RunData, Table};
 
 /// An experiment's runs' data at a tier.
 fn collect(e: &Experiment, tier: &str, paths: &Paths) -> Result<(Vec<RunData>, usize)> {
@@ -41,7 +41,10 @@ pub fn tables(paths: &Paths, tier: &str) -> Result<usize> {
                 n += 1;
             }
             Kind::Grid => {
-                write_atomically(&paths.tables(tier).join(format!("{}.md", e.artifact)), grid_markdown(&grid_summaries(&e, &data)).as_bytes())?;
+                write_atomically(
+                    &paths.tables(tier).join(format!("{}.md", e.artifact)),
+                    grid_markdown(&grid_summaries(&e, &data)).as_bytes(),
+                )?;
                 n += 1;
             }
             _ => {}
@@ -67,7 +70,11 @@ pub fn figures(paths: &Paths, tier: &str) -> Result<usize> {
 fn hardware() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     format!("{cpu}, {cores} cores")
@@ -97,15 +104,23 @@ fn metric_better(metric: &str, a: f64, b: f64) -> bool {
 fn mada_vs_all(t: &Table) -> Option<(bool, bool, String)> {
     let mada = t.rows.iter().find(|r| r.key == "mada")?;
     let adam = t.rows.iter().find(|r| r.key == "adam")?;
-    let best = t.rows.iter().all(|r| r.key == "mada" || !metric_better(&t.metric, r.final_metric.mean, mada.final_metric.mean));
-    let sig = mada.diff_vs_adam.is_some_and(|d| d.n > 1 && if higher_is_better(&t.metric) { d.lo > 0.0 } else { d.hi < 0.0 });
+    let best = t
+        .rows
+        .iter()
+        .all(|r| r.key == "mada" || !metric_better(&t.metric, r.final_metric.mean, mada.final_metric.mean));
+    let sig =
+        mada.diff_vs_adam.is_some_and(|d| d.n > 1 && if higher_is_better(&t.metric) { d.lo > 0.0 } else { d.hi < 0.0 });
     let text = format!(
         "{}: MADA {:.4} vs Adam {:.4} ({} seeds; paired diff {}){}",
         t.artifact,
         mada.final_metric.mean,
         adam.final_metric.mean,
         mada.final_metric.n,
-        mada.diff_vs_adam.map_or("n/a".into(), |d| if d.n > 1 { format!("{:+.4} [{:+.4}, {:+.4}]", d.mean, d.lo, d.hi) } else { format!("{:+.4}", d.mean) }),
+        mada.diff_vs_adam.map_or("n/a".into(), |d| if d.n > 1 {
+            format!("{:+.4} [{:+.4}, {:+.4}]", d.mean, d.lo, d.hi)
+        } else {
+            format!("{:+.4}", d.mean)
+        }),
         if best { ", best of all optimizers" } else { ", not the best optimizer" }
     );
     Some((best, sig, text))
@@ -116,7 +131,7 @@ fn mada_vs_all(t: &Table) -> Option<(bool, bool, String)> {
 /// `true` when MADA gains and gains more than every other optimizer.
 fn mada_gain_vs_best_other(t: &Table) -> Option<(bool, String)> {
     let sign = if higher_is_better(&t.metric) { 1.0 } else { -1.0 };
-    let gain = |r: &crate::tables::Row| r.diff_vs_adam.filter(|d| d.n > 0).map(|d| sign * d.mean);
+    let gain = |r: &crate::results::tables::Row| r.diff_vs_adam.filter(|d| d.n > 0).map(|d| sign * d.mean);
     let mada = gain(t.rows.iter().find(|r| r.key == "mada")?)?;
     let best = t
         .rows
@@ -127,7 +142,10 @@ fn mada_gain_vs_best_other(t: &Table) -> Option<(bool, String)> {
     let ratio = if best.0 > 0.0 { format!(" ({:.2}×)", mada / best.0) } else { String::new() };
     Some((
         mada > 0.0 && mada > best.0,
-        format!("{}: MADA's gain over Adam {mada:+.4} vs the best other optimizer's, {} {:+.4}{ratio}", t.artifact, best.1, best.0),
+        format!(
+            "{}: MADA's gain over Adam {mada:+.4} vs the best other optimizer's, {} {:+.4}{ratio}",
+            t.artifact, best.1, best.0
+        ),
     ))
 }
 
@@ -191,7 +209,9 @@ fn ledger(paths: &Paths, tier: &str, experiments: &[Experiment]) -> Result<Vec<V
     for e in experiments.iter().filter(|e| e.kind == Kind::Grid) {
         let (data, _) = collect(e, tier, paths)?;
         let g = grid_summaries(e, &data);
-        let (Some(adam), Some(mada)) = (g.iter().find(|s| s.key == "adam"), g.iter().find(|s| s.key == "mada")) else { continue };
+        let (Some(adam), Some(mada)) = (g.iter().find(|s| s.key == "adam"), g.iter().find(|s| s.key == "mada")) else {
+            continue;
+        };
         let robust = (mada.max - mada.min) < (adam.max - adam.min) && mada.mean < adam.mean;
         c3 = Some((
             robust,
@@ -237,7 +257,9 @@ fn ledger(paths: &Paths, tier: &str, experiments: &[Experiment]) -> Result<Vec<V
             if reddi.is_some() { "; on the Reddi counterexample MADA started at Adam learns ρ → 0, i.e. moves to AVGrad (reports/analysis/reddi.md)" } else { "" }
         ),
     });
-    let interp = std::fs::read_to_string(paths.analysis().join("interpolation.json")).ok().and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok());
+    let interp = std::fs::read_to_string(paths.analysis().join("interpolation.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok());
     let c6 = interp.and_then(|j| {
         let curves = j.get(0)?.as_array()?;
         let (mut better, mut interior) = (0, 0);
@@ -330,14 +352,23 @@ pub fn report(paths: &Paths, tier: &str, failures: &[String]) -> Result<()> {
             Kind::Reddi => {
                 let f = paths.analysis().join("reddi.md");
                 if let Ok(s) = std::fs::read_to_string(&f) {
-                    let _ = writeln!(md, "![Reddi counterexample](analysis/reddi.png)\n\n{}", s.lines().skip(1).collect::<Vec<_>>().join("\n"));
+                    let _ = writeln!(
+                        md,
+                        "![Reddi counterexample](analysis/reddi.png)\n\n{}",
+                        s.lines().skip(1).collect::<Vec<_>>().join("\n")
+                    );
                 } else {
                     md.push_str("Not run yet.\n\n");
                 }
             }
             Kind::Bounds => {
                 if let Ok(s) = std::fs::read_to_string(paths.analysis().join("bounds.md")) {
-                    let table: String = s.lines().skip_while(|l| !l.starts_with("| bound")).take_while(|l| l.starts_with('|')).collect::<Vec<_>>().join("\n");
+                    let table: String = s
+                        .lines()
+                        .skip_while(|l| !l.starts_with("| bound"))
+                        .take_while(|l| l.starts_with('|'))
+                        .collect::<Vec<_>>()
+                        .join("\n");
                     let _ = writeln!(md, "{table}\n\n![bound vs N](analysis/bound_vs_n.png)\n\n![bound of rho](analysis/bound_of_rho.png)\n\nFull tables: `reports/analysis/bounds.md`, `interpolation.md`; derivations: `analysis/THEORY.md`.\n");
                 } else {
                     md.push_str("Not run yet.\n\n");
@@ -382,7 +413,7 @@ pub fn regenerate(paths: &Paths, tier: &str, failures: &[String]) -> Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tables::{stat, Row};
+    use crate::results::tables::{stat, Row};
 
     /// A loss table: final losses per seed, Adam's being seed-matched.
     fn table(rows: &[(&str, &[f64])]) -> Table {
@@ -394,7 +425,8 @@ mod tests {
                 key: key.into(),
                 final_metric: stat(finals),
                 best_metric: stat(finals),
-                diff_vs_adam: (key != "adam").then(|| stat(&finals.iter().zip(adam).map(|(x, a)| x - a).collect::<Vec<_>>())),
+                diff_vs_adam: (key != "adam")
+                    .then(|| stat(&finals.iter().zip(adam).map(|(x, a)| x - a).collect::<Vec<_>>())),
                 mada_gain_ratio: None,
                 finished_runs: finals.len(),
                 elapsed_s: 0.0,
@@ -407,7 +439,13 @@ mod tests {
     fn claim_4_compares_mada_with_the_best_other_optimizer_not_with_their_mean() {
         // MADA gains 0.2; Lion loses 1.0, AVGrad gains 0.1: the mean of the others is negative
         // (a ratio to it is meaningless) but MADA beats every other optimizer, by 2×.
-        let t = table(&[("adam", &[3.0, 3.2]), ("mada", &[2.8, 3.0]), ("lion", &[4.0, 4.2]), ("avgrad", &[2.9, 3.1]), ("mada_b", &[2.0, 2.0])]);
+        let t = table(&[
+            ("adam", &[3.0, 3.2]),
+            ("mada", &[2.8, 3.0]),
+            ("lion", &[4.0, 4.2]),
+            ("avgrad", &[2.9, 3.1]),
+            ("mada_b", &[2.0, 2.0]),
+        ]);
         let (larger, text) = mada_gain_vs_best_other(&t).unwrap();
         assert!(larger, "{text}");
         assert!(text.contains("AVGRAD +0.1000 (2.00×)"), "{text}");

@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
-use analysis::plot::{save, HeatMap, LineChart, Panel, Series};
+use outputs::plot::{save, HeatMap, LineChart, Panel, Series};
 
 use crate::catalog::Experiment;
-use crate::tables::{pick, stat, GridSummary, RunData};
+use crate::results::tables::{pick, stat, GridSummary, RunData};
 
 fn metric_name(m: &str) -> &str {
     match m {
@@ -88,7 +88,9 @@ pub fn training_figures(e: &Experiment, runs: &[RunData], dir: &Path) -> Result<
             x_label: "optimizer updates".into(),
             y_label: "value".into(),
             y_range: Some((-0.05, 1.05)),
-            series: (0..6).map(|i| Series::line(names[i], r.coefficients.iter().map(|(s, q)| (*s, q[i])).collect())).collect(),
+            series: (0..6)
+                .map(|i| Series::line(names[i], r.coefficients.iter().map(|(s, q)| (*s, q[i])).collect()))
+                .collect(),
             ..Default::default()
         }));
     }
@@ -121,9 +123,19 @@ pub fn grid_figure(e: &Experiment, grids: &[GridSummary], dir: &Path) -> Result<
             ys.dedup();
             let values = ys
                 .iter()
-                .map(|y| xs.iter().map(|x| g.points.iter().find(|p| p.0 == (*x, *y)).map_or(f64::NAN, |p| p.1)).collect())
+                .map(|y| {
+                    xs.iter().map(|x| g.points.iter().find(|p| p.0 == (*x, *y)).map_or(f64::NAN, |p| p.1)).collect()
+                })
                 .collect();
-            Panel::Heat(HeatMap { title: format!("{}: final train loss", g.label), x_label: "initial β1".into(), y_label: "initial β2".into(), xs, ys, values, range: (lo, hi) })
+            Panel::Heat(HeatMap {
+                title: format!("{}: final train loss", g.label),
+                x_label: "initial β1".into(),
+                y_label: "initial β2".into(),
+                xs,
+                ys,
+                values,
+                range: (lo, hi),
+            })
         })
         .collect();
     Ok(save(&dir.join(format!("{}_grid", e.artifact)), &panels, 3, (480, 420))?.to_vec())

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Module, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::nn::{LayerNorm, Linear, ParamStore};
+use crate::models::nn::{LayerNorm, Linear, ParamStore};
 
 /// A GPT configuration, as data.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -135,9 +135,11 @@ impl Gpt {
         let mask = self.mask.narrow(0, 0, t)?.narrow(1, 0, t)?;
         let y = if train && self.config.dropout > 0.0 {
             // Attention dropout needs the probabilities as a tensor: the composed path.
-            crate::ops::composed_causal_self_attention(&qkv, self.config.n_head, &mask, |att| candle_nn::ops::dropout(&att, self.config.dropout as f32))?
+            crate::models::ops::composed_causal_self_attention(&qkv, self.config.n_head, &mask, |att| {
+                candle_nn::ops::dropout(&att, self.config.dropout as f32)
+            })?
         } else {
-            crate::ops::causal_self_attention(&qkv, self.config.n_head, &mask)?
+            crate::models::ops::causal_self_attention(&qkv, self.config.n_head, &mask)?
         };
         self.dropout(blk.attn_proj.forward(&y)?, train)
     }
@@ -154,7 +156,7 @@ impl Gpt {
         let mut x = self.dropout(tok.broadcast_add(&pos)?, train)?;
         for blk in &self.blocks {
             x = (&x + self.attention(blk, &blk.ln_1.forward(&x)?, train)?)?;
-            let h = crate::ops::gelu(&blk.c_fc.forward(&blk.ln_2.forward(&x)?)?)?;
+            let h = crate::models::ops::gelu(&blk.c_fc.forward(&blk.ln_2.forward(&x)?)?)?;
             x = (&x + self.dropout(blk.mlp_proj.forward(&h)?, train)?)?;
         }
         let x = self.ln_f.forward(&x)?;
@@ -172,9 +174,13 @@ impl Gpt {
     /// prefixed `transformer.`; Conv1D weights stored (in, out) are transposed). The model must
     /// have `bias = true` and the checkpoint's vocabulary and block size.
     pub fn load_hf_safetensors(&self, path: &Path) -> Result<()> {
-        let tensors = candle_core::safetensors::load(path, &Device::Cpu).with_context(|| format!("cannot read {}", path.display()))?;
+        let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+            .with_context(|| format!("cannot read {}", path.display()))?;
         let get = |key: &str| -> Result<&Tensor> {
-            tensors.get(key).or_else(|| tensors.get(&format!("transformer.{key}"))).with_context(|| format!("{}: tensor {key} is missing", path.display()))
+            tensors
+                .get(key)
+                .or_else(|| tensors.get(&format!("transformer.{key}")))
+                .with_context(|| format!("{}: tensor {key} is missing", path.display()))
         };
         let conv1d = ["attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"];
         for (name, _) in self.params.params() {
@@ -190,7 +196,8 @@ impl Gpt {
 /// The GPT-2 configuration of a Hugging Face safetensors checkpoint, read from its shapes
 /// (n_head from the standard sizes: 768 → 12, 1024 → 16, 1280 → 20, 1600 → 25).
 pub fn hf_config(path: &Path) -> Result<GptConfig> {
-    let tensors = candle_core::safetensors::load(path, &Device::Cpu).with_context(|| format!("cannot read {}", path.display()))?;
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        .with_context(|| format!("cannot read {}", path.display()))?;
     let find = |key: &str| tensors.get(key).or_else(|| tensors.get(&format!("transformer.{key}")));
     let wte = find("wte.weight").with_context(|| format!("{}: no wte.weight", path.display()))?;
     let wpe = find("wpe.weight").with_context(|| format!("{}: no wpe.weight", path.display()))?;
@@ -221,7 +228,8 @@ mod tests {
 
     #[test]
     fn the_built_model_has_the_counted_parameters_and_a_sane_initial_loss() {
-        let cfg = GptConfig { block_size: 16, vocab_size: 50, n_layer: 2, n_head: 2, n_embd: 16, dropout: 0.0, bias: true };
+        let cfg =
+            GptConfig { block_size: 16, vocab_size: 50, n_layer: 2, n_head: 2, n_embd: 16, dropout: 0.0, bias: true };
         let m = Gpt::new(cfg.clone(), &Device::Cpu, 1).unwrap();
         assert_eq!(m.params.num_params(), cfg.num_params(false));
         let idx = Tensor::from_vec((0..32u32).map(|i| i % 50).collect(), (2, 16), &Device::Cpu).unwrap();
@@ -231,19 +239,23 @@ mod tests {
 
     #[test]
     fn attention_is_causal() {
-        let cfg = GptConfig { block_size: 8, vocab_size: 11, n_layer: 1, n_head: 2, n_embd: 8, dropout: 0.0, bias: false };
+        let cfg =
+            GptConfig { block_size: 8, vocab_size: 11, n_layer: 1, n_head: 2, n_embd: 8, dropout: 0.0, bias: false };
         let m = Gpt::new(cfg, &Device::Cpu, 3).unwrap();
         let a = Tensor::new(&[[1u32, 2, 3, 4, 5]], &Device::Cpu).unwrap();
         let b = Tensor::new(&[[1u32, 2, 3, 9, 9]], &Device::Cpu).unwrap();
-        let la = m.forward(&a, false).unwrap().narrow(1, 0, 3).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let lb = m.forward(&b, false).unwrap().narrow(1, 0, 3).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let la =
+            m.forward(&a, false).unwrap().narrow(1, 0, 3).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let lb =
+            m.forward(&b, false).unwrap().narrow(1, 0, 3).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(la, lb, "future tokens changed past logits");
     }
 
     #[test]
     fn hf_safetensors_loader_maps_names_and_transposes_conv1d() {
         // A tiny checkpoint in the Hugging Face GPT-2 layout, written here.
-        let cfg = GptConfig { block_size: 8, vocab_size: 12, n_layer: 2, n_head: 2, n_embd: 8, dropout: 0.0, bias: true };
+        let cfg =
+            GptConfig { block_size: 8, vocab_size: 12, n_layer: 2, n_head: 2, n_embd: 8, dropout: 0.0, bias: true };
         let (c, dev) = (cfg.n_embd, Device::Cpu);
         let mut map = std::collections::HashMap::new();
         let mut k = 0f32;
@@ -281,7 +293,15 @@ mod tests {
         assert!(hf_config(&path).unwrap_err().to_string().contains("n_embd 8"));
         let m = Gpt::new(cfg, &dev, 0).unwrap();
         m.load_hf_safetensors(&path).unwrap();
-        let ours = m.params.params().iter().find(|(n, _)| n == "transformer.h.1.mlp.c_fc.weight").unwrap().1.as_tensor().clone();
+        let ours = m
+            .params
+            .params()
+            .iter()
+            .find(|(n, _)| n == "transformer.h.1.mlp.c_fc.weight")
+            .unwrap()
+            .1
+            .as_tensor()
+            .clone();
         let theirs = map["h.1.mlp.c_fc.weight"].t().unwrap();
         assert_eq!(ours.to_vec2::<f32>().unwrap(), theirs.to_vec2::<f32>().unwrap());
         // A missing tensor is named.

@@ -13,10 +13,10 @@ use polars::prelude::{Column, CsvReadOptions, CsvWriter, DataFrame, DataType, Se
 use serde::Serialize;
 use statrs::distribution::{ContinuousCDF, StudentsT};
 
-use analysis::io::write_atomically;
+use outputs::write_atomically;
 
 use crate::catalog::{Experiment, PlannedRun};
-use crate::train::RunDir;
+use crate::run::RunDir;
 
 /// What one run's logs hold.
 #[derive(Clone, Debug, Default)]
@@ -58,16 +58,29 @@ impl RunData {
     pub fn read(run: &PlannedRun) -> Result<Option<Self>> {
         let rd = RunDir::new(&run.dir);
         let Some(eval) = read_csv(&rd.eval())? else { return Ok(None) };
-        let mut d = RunData { label: run.spec.label.clone(), key: run.key.clone(), seed: run.seed, grid_point: run.grid_point, finished: rd.finished(), ..Default::default() };
+        let mut d = RunData {
+            label: run.spec.label.clone(),
+            key: run.key.clone(),
+            seed: run.seed,
+            grid_point: run.grid_point,
+            finished: rd.finished(),
+            ..Default::default()
+        };
         if eval.height() > 0 {
-            let (s, t, e, a) = (f64_column(&eval, "step")?, f64_column(&eval, "train_loss")?, f64_column(&eval, "eval_loss")?, f64_column(&eval, "eval_accuracy")?);
+            let (s, t, e, a) = (
+                f64_column(&eval, "step")?,
+                f64_column(&eval, "train_loss")?,
+                f64_column(&eval, "eval_loss")?,
+                f64_column(&eval, "eval_accuracy")?,
+            );
             d.evals = (0..s.len()).map(|i| (s[i], t[i], e[i], a[i])).collect();
         }
         if let Some(log) = read_csv(&rd.log())? {
             if log.height() > 0 {
                 let step = f64_column(&log, "step")?;
                 let loss = f64_column(&log, "loss")?;
-                let cols: Vec<Vec<f64>> = mada::Coef::ALL.iter().map(|c| f64_column(&log, c.name())).collect::<Result<_>>()?;
+                let cols: Vec<Vec<f64>> =
+                    mada::Coef::ALL.iter().map(|c| f64_column(&log, c.name())).collect::<Result<_>>()?;
                 d.coefficients = (0..step.len()).map(|i| (step[i], std::array::from_fn(|k| cols[k][i]))).collect();
                 d.losses = step.iter().cloned().zip(loss).collect();
                 let el = f64_column(&log, "elapsed_s")?;
@@ -171,7 +184,9 @@ pub fn comparison(e: &Experiment, runs: &[RunData]) -> Table {
     for r in runs.iter().filter(|r| !r.evals.is_empty()) {
         by_key.entry(r.key.as_str()).or_default().push(r);
     }
-    let finals = |k: &str| -> BTreeMap<u64, f64> { by_key.get(k).map(|v| v.iter().map(|r| (r.seed, r.final_metric(metric))).collect()).unwrap_or_default() };
+    let finals = |k: &str| -> BTreeMap<u64, f64> {
+        by_key.get(k).map(|v| v.iter().map(|r| (r.seed, r.final_metric(metric))).collect()).unwrap_or_default()
+    };
     let adam = finals(ADAM);
     let sign = if higher_is_better(metric) { 1.0 } else { -1.0 };
     // Differences to Adam on the seeds both ran (same initialization and data order).
@@ -212,7 +227,8 @@ pub fn comparison(e: &Experiment, runs: &[RunData]) -> Table {
             elapsed_s: rs.iter().map(|r| r.elapsed_s).sum(),
         });
     }
-    let others: Vec<f64> = ordered.iter().filter(|k| ![ADAM, MADA, "hyperadam"].contains(&k.as_str())).filter_map(|k| gain(k)).collect();
+    let others: Vec<f64> =
+        ordered.iter().filter(|k| ![ADAM, MADA, "hyperadam"].contains(&k.as_str())).filter_map(|k| gain(k)).collect();
     let mada_gain_vs_others = match mada_gain {
         Some(m) if !others.is_empty() => {
             let mean = others.iter().sum::<f64>() / others.len() as f64;
@@ -258,9 +274,17 @@ impl Table {
     }
 
     pub fn latex(&self) -> String {
-        let mut s = String::from("\\begin{tabular}{lrlll}\n\\hline\nOptimizer & Seeds & Final & Best & $\\Delta$ vs Adam \\\\\n\\hline\n");
+        let mut s = String::from(
+            "\\begin{tabular}{lrlll}\n\\hline\nOptimizer & Seeds & Final & Best & $\\Delta$ vs Adam \\\\\n\\hline\n",
+        );
         for r in &self.rows {
-            let cell = |x: &Stat| if x.n > 1 { format!("${:.4} \\pm {:.4}$", x.mean, x.std) } else { format!("${:.4}$", x.mean) };
+            let cell = |x: &Stat| {
+                if x.n > 1 {
+                    format!("${:.4} \\pm {:.4}$", x.mean, x.std)
+                } else {
+                    format!("${:.4}$", x.mean)
+                }
+            };
             let _ = writeln!(
                 s,
                 "{} & {} & {} & {} & {} \\\\",
@@ -332,8 +356,10 @@ pub fn grid_summaries(e: &Experiment, runs: &[RunData]) -> Vec<GridSummary> {
         if per_point.is_empty() {
             continue;
         }
-        let points: Vec<((f64, f64), f64)> =
-            per_point.into_iter().map(|((a, b), v)| ((f64::from_bits(a), f64::from_bits(b)), v.iter().sum::<f64>() / v.len() as f64)).collect();
+        let points: Vec<((f64, f64), f64)> = per_point
+            .into_iter()
+            .map(|((a, b), v)| ((f64::from_bits(a), f64::from_bits(b)), v.iter().sum::<f64>() / v.len() as f64))
+            .collect();
         let mut vals: Vec<f64> = points.iter().map(|p| p.1).collect();
         vals.sort_by(f64::total_cmp);
         let best = points.iter().min_by(|a, b| a.1.total_cmp(&b.1)).map(|p| p.0).unwrap_or((f64::NAN, f64::NAN));
@@ -352,9 +378,22 @@ pub fn grid_summaries(e: &Experiment, runs: &[RunData]) -> Vec<GridSummary> {
 }
 
 pub fn grid_markdown(g: &[GridSummary]) -> String {
-    let mut md = String::from("| optimizer | grid points | min | mean | median | max | best init (β1, β2) |\n|---|---|---|---|---|---|---|\n");
+    let mut md = String::from(
+        "| optimizer | grid points | min | mean | median | max | best init (β1, β2) |\n|---|---|---|---|---|---|---|\n",
+    );
     for s in g {
-        let _ = writeln!(md, "| {} | {} | {:.4} | {:.4} | {:.4} | {:.4} | ({}, {}) |", s.label, s.points.len(), s.min, s.mean, s.median, s.max, s.best_point.0, s.best_point.1);
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.4} | {:.4} | {:.4} | {:.4} | ({}, {}) |",
+            s.label,
+            s.points.len(),
+            s.min,
+            s.mean,
+            s.median,
+            s.max,
+            s.best_point.0,
+            s.best_point.1
+        );
     }
     md
 }
@@ -410,7 +449,10 @@ seeds = [1]
         assert!((mada.final_metric.mean - 2.95).abs() < 1e-12);
         // Paired differences (−0.1, −0.2, −0.15): mean −0.15, sd 0.05, t_{0.975,2} = 4.3027.
         let d = mada.diff_vs_adam.unwrap();
-        assert!((d.mean + 0.15).abs() < 1e-12 && (d.hi - (-0.15 + 4.302653 * 0.05 / 3f64.sqrt())).abs() < 1e-5, "{d:?}");
+        assert!(
+            (d.mean + 0.15).abs() < 1e-12 && (d.hi - (-0.15 + 4.302653 * 0.05 / 3f64.sqrt())).abs() < 1e-5,
+            "{d:?}"
+        );
         assert!((mada.best_metric.mean - 2.95).abs() < 1e-12);
         // Paired gains over Adam: MADA 0.15, Lion 3.0 − 2.95 = 0.05 (seed 1 only) → ratio 3 (against
         // Adam's mean over seeds, 3.1, Lion's gain would be 0.15).

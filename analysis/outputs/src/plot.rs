@@ -87,7 +87,13 @@ const COLORS: [RGBColor; 12] = [
 /// The legend corner that covers the fewest data points: each candidate's box (the outer 35%
 /// of the width and 40% of the height at that corner) is scored by the points inside it.
 fn legend_position(c: &LineChart, (x0, x1): (f64, f64), (y0, y1): (f64, f64)) -> SeriesLabelPosition {
-    let unit = |v: f64, lo: f64, hi: f64, log: bool| if log { (v.ln() - lo.ln()) / (hi.ln() - lo.ln()) } else { (v - lo) / (hi - lo) };
+    let unit = |v: f64, lo: f64, hi: f64, log: bool| {
+        if log {
+            (v.ln() - lo.ln()) / (hi.ln() - lo.ln())
+        } else {
+            (v - lo) / (hi - lo)
+        }
+    };
     let pts: Vec<(f64, f64)> = c
         .series
         .iter()
@@ -96,7 +102,9 @@ fn legend_position(c: &LineChart, (x0, x1): (f64, f64), (y0, y1): (f64, f64)) ->
         .map(|p| (unit(p.0, x0, x1, c.log_x), unit(p.1, y0, y1, c.log_y)))
         .collect();
     let covered = |right: bool, top: bool| {
-        pts.iter().filter(|(x, y)| (if right { *x >= 0.65 } else { *x <= 0.35 }) && (if top { *y >= 0.6 } else { *y <= 0.4 })).count()
+        pts.iter()
+            .filter(|(x, y)| (if right { *x >= 0.65 } else { *x <= 0.35 }) && (if top { *y >= 0.6 } else { *y <= 0.4 }))
+            .count()
     };
     [
         (SeriesLabelPosition::UpperRight, covered(true, true)),
@@ -140,7 +148,11 @@ pub fn tick(v: f64) -> String {
     } else if a == 0.0 || (1e-2..1e4).contains(&a) {
         let s = format!("{v:.3}");
         let s = s.trim_end_matches('0').trim_end_matches('.');
-        if s == "-0" { "0".to_string() } else { s.to_string() }
+        if s == "-0" {
+            "0".to_string()
+        } else {
+            s.to_string()
+        }
     } else {
         format!("{v:.0e}")
     }
@@ -172,9 +184,12 @@ where
                 if !s.band.is_empty() {
                     let mut poly: Vec<(f64, f64)> = s.band.iter().map(|b| (b.0, b.2)).collect();
                     poly.extend(s.band.iter().rev().map(|b| (b.0, b.1)));
-                    chart.draw_series(std::iter::once(Polygon::new(poly, color.mix(0.2).filled()))).map_err(|e| anyhow!("{e:?}"))?;
+                    chart
+                        .draw_series(std::iter::once(Polygon::new(poly, color.mix(0.2).filled())))
+                        .map_err(|e| anyhow!("{e:?}"))?;
                 }
-                let pts: Vec<(f64, f64)> = s.points.iter().cloned().filter(|p| p.0.is_finite() && p.1.is_finite()).collect();
+                let pts: Vec<(f64, f64)> =
+                    s.points.iter().cloned().filter(|p| p.0.is_finite() && p.1.is_finite()).collect();
                 let style = ShapeStyle { color: color.to_rgba(), filled: false, stroke_width: 2 };
                 if s.dashed {
                     chart
@@ -201,16 +216,23 @@ where
     }
     match (c.log_x, c.log_y) {
         (false, false) => body!(builder.build_cartesian_2d(x0..x1, y0..y1).map_err(|e| anyhow!("{e:?}"))?),
-        (true, false) => body!(builder.build_cartesian_2d((x0..x1).log_scale(), y0..y1).map_err(|e| anyhow!("{e:?}"))?),
-        (false, true) => body!(builder.build_cartesian_2d(x0..x1, (y0..y1).log_scale()).map_err(|e| anyhow!("{e:?}"))?),
-        (true, true) => body!(builder.build_cartesian_2d((x0..x1).log_scale(), (y0..y1).log_scale()).map_err(|e| anyhow!("{e:?}"))?),
+        (true, false) => {
+            body!(builder.build_cartesian_2d((x0..x1).log_scale(), y0..y1).map_err(|e| anyhow!("{e:?}"))?)
+        }
+        (false, true) => {
+            body!(builder.build_cartesian_2d(x0..x1, (y0..y1).log_scale()).map_err(|e| anyhow!("{e:?}"))?)
+        }
+        (true, true) => body!(builder
+            .build_cartesian_2d((x0..x1).log_scale(), (y0..y1).log_scale())
+            .map_err(|e| anyhow!("{e:?}"))?),
     }
     Ok(())
 }
 
 /// Viridis-like ramp.
 fn ramp(t: f64) -> RGBColor {
-    let stops = [(68.0, 1.0, 84.0), (59.0, 82.0, 139.0), (33.0, 145.0, 140.0), (94.0, 201.0, 98.0), (253.0, 231.0, 37.0)];
+    let stops =
+        [(68.0, 1.0, 84.0), (59.0, 82.0, 139.0), (33.0, 145.0, 140.0), (94.0, 201.0, 98.0), (253.0, 231.0, 37.0)];
     let t = t.clamp(0.0, 1.0) * (stops.len() - 1) as f64;
     let i = (t.floor() as usize).min(stops.len() - 2);
     let f = t - i as f64;
@@ -303,10 +325,18 @@ pub fn save(stem: &Path, panels: &[Panel], cols: usize, panel_size: (u32, u32)) 
     }
     let svg = stem.with_extension("svg");
     let png = stem.with_extension("png");
-    let tmp = |p: &Path| p.with_file_name(format!(".{}.tmp.{}", p.file_name().unwrap().to_string_lossy(), p.extension().unwrap().to_string_lossy()));
+    let tmp = |p: &Path| {
+        p.with_file_name(format!(
+            ".{}.tmp.{}",
+            p.file_name().unwrap().to_string_lossy(),
+            p.extension().unwrap().to_string_lossy()
+        ))
+    };
     let (svg_tmp, png_tmp) = (tmp(&svg), tmp(&png));
-    draw_all(SVGBackend::new(&svg_tmp, size).into_drawing_area(), panels, cols).with_context(|| format!("drawing {}", svg.display()))?;
-    draw_all(BitMapBackend::new(&png_tmp, size).into_drawing_area(), panels, cols).with_context(|| format!("drawing {}", png.display()))?;
+    draw_all(SVGBackend::new(&svg_tmp, size).into_drawing_area(), panels, cols)
+        .with_context(|| format!("drawing {}", svg.display()))?;
+    draw_all(BitMapBackend::new(&png_tmp, size).into_drawing_area(), panels, cols)
+        .with_context(|| format!("drawing {}", png.display()))?;
     std::fs::rename(&svg_tmp, &svg)?;
     std::fs::rename(&png_tmp, &png)?;
     Ok([svg, png])
@@ -325,7 +355,8 @@ mod tests {
             y_label: "y".into(),
             log_y: true,
             series: vec![
-                Series::line("a", (1..20).map(|i| (i as f64, 1.0 / i as f64)).collect()).with_band((1..20).map(|i| (i as f64, 0.5 / i as f64, 2.0 / i as f64)).collect()),
+                Series::line("a", (1..20).map(|i| (i as f64, 1.0 / i as f64)).collect())
+                    .with_band((1..20).map(|i| (i as f64, 0.5 / i as f64, 2.0 / i as f64)).collect()),
                 Series::line("b", (1..20).map(|i| (i as f64, 2.0 / i as f64)).collect()).dashed(),
             ],
             ..Default::default()
@@ -338,7 +369,8 @@ mod tests {
             range: (1.0, 5.0),
             ..Default::default()
         };
-        let [svg, png] = save(&dir.path().join("fig"), &[Panel::Lines(line), Panel::Heat(heat)], 2, (400, 300)).unwrap();
+        let [svg, png] =
+            save(&dir.path().join("fig"), &[Panel::Lines(line), Panel::Heat(heat)], 2, (400, 300)).unwrap();
         assert!(std::fs::read_to_string(svg).unwrap().contains("<svg"));
         assert_eq!(&std::fs::read(png).unwrap()[1..4], b"PNG");
     }

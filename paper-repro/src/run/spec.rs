@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::data::vision::VisionData;
-use crate::gpt::GptConfig;
-use crate::vision::VisionModelConfig;
+use crate::models::gpt::GptConfig;
+use crate::models::vision::VisionModelConfig;
 
 /// The learning-rate schedule, evaluated at the update index (or the micro-step index, as
 /// `train_ddp.py` does, when `in_micro_steps`).
@@ -148,11 +148,22 @@ impl RunSpec {
         if self.eval_interval == 0 || self.checkpoint_interval == 0 {
             bail!("eval_interval and checkpoint_interval must be positive");
         }
-        if !(self.schedule.lr.is_finite() && self.schedule.lr > 0.0) || self.schedule.min_lr < 0.0 || self.schedule.min_lr > self.schedule.lr {
-            bail!("schedule: need 0 ≤ min_lr ≤ lr, lr > 0 (got lr {}, min_lr {})", self.schedule.lr, self.schedule.min_lr);
+        if !(self.schedule.lr.is_finite() && self.schedule.lr > 0.0)
+            || self.schedule.min_lr < 0.0
+            || self.schedule.min_lr > self.schedule.lr
+        {
+            bail!(
+                "schedule: need 0 ≤ min_lr ≤ lr, lr > 0 (got lr {}, min_lr {})",
+                self.schedule.lr,
+                self.schedule.min_lr
+            );
         }
         if self.schedule.decay_until != 0 && self.schedule.decay_until < self.schedule.warmup {
-            bail!("schedule: decay_until {} is before the end of warm-up {}", self.schedule.decay_until, self.schedule.warmup);
+            bail!(
+                "schedule: decay_until {} is before the end of warm-up {}",
+                self.schedule.decay_until,
+                self.schedule.warmup
+            );
         }
         if !(0.0..=1.0).contains(&self.weight_decay) || self.grad_clip < 0.0 {
             bail!("weight_decay must lie in [0, 1] and grad_clip be ≥ 0");

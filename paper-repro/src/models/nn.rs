@@ -102,12 +102,22 @@ impl ParamStore {
     /// Load every parameter and buffer from a safetensors file written by [`save`](Self::save);
     /// a missing or mis-shaped tensor is an error naming it and the file.
     pub fn load(&self, path: &Path) -> Result<()> {
-        let map = candle_core::safetensors::load(path, &self.device).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
-        let targets = self.params.iter().map(|(n, v)| (n.clone(), v)).chain(self.buffers.iter().map(|(n, v)| (format!("buffer.{n}"), v)));
+        let map = candle_core::safetensors::load(path, &self.device)
+            .with_context(|| format!("cannot read checkpoint {}", path.display()))?;
+        let targets = self
+            .params
+            .iter()
+            .map(|(n, v)| (n.clone(), v))
+            .chain(self.buffers.iter().map(|(n, v)| (format!("buffer.{n}"), v)));
         for (name, var) in targets {
             let t = map.get(&name).with_context(|| format!("{}: tensor {name} is missing", path.display()))?;
             if t.shape() != var.shape() {
-                bail!("{}: tensor {name} has shape {:?}, the model expects {:?}", path.display(), t.shape(), var.shape());
+                bail!(
+                    "{}: tensor {name} has shape {:?}, the model expects {:?}",
+                    path.display(),
+                    t.shape(),
+                    var.shape()
+                );
             }
             var.set(&t.to_dtype(var.dtype())?)?;
         }
@@ -171,7 +181,7 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = crate::ops::layer_norm(x, self.weight.as_tensor())?;
+        let y = crate::models::ops::layer_norm(x, self.weight.as_tensor())?;
         match &self.bias {
             Some(b) => y.broadcast_add(b.as_tensor()),
             None => Ok(y),
@@ -189,7 +199,16 @@ pub struct Conv2d {
 
 impl Conv2d {
     #[allow(clippy::too_many_arguments)]
-    pub fn new(ps: &mut ParamStore, name: &str, inp: usize, out: usize, k: usize, stride: usize, padding: usize, bias: bool) -> Result<Self> {
+    pub fn new(
+        ps: &mut ParamStore,
+        name: &str,
+        inp: usize,
+        out: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+        bias: bool,
+    ) -> Result<Self> {
         let fan_in = (inp * k * k) as f64;
         let bound = 1.0 / fan_in.sqrt();
         Ok(Self {
@@ -203,7 +222,7 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = crate::ops::conv2d(x, self.weight.as_tensor(), self.stride, self.padding)?;
+        let y = crate::models::ops::conv2d(x, self.weight.as_tensor(), self.stride, self.padding)?;
         match &self.bias {
             Some(b) => y.broadcast_add(&b.as_tensor().reshape((1, (), 1, 1))?),
             None => Ok(y),
@@ -246,10 +265,14 @@ impl BatchNorm2d {
             let rv = ((self.running_var.as_tensor() * 0.9)? + (unbiased * 0.1)?)?;
             self.running_mean.set(&rm)?;
             self.running_var.set(&rv)?;
-            crate::ops::batch_norm_train(x, self.weight.as_tensor())?.broadcast_add(&bias)
+            crate::models::ops::batch_norm_train(x, self.weight.as_tensor())?.broadcast_add(&bias)
         } else {
-            let (mean, var) = (self.running_mean.as_tensor().reshape(shape)?, self.running_var.as_tensor().reshape(shape)?);
-            x.broadcast_sub(&mean)?.broadcast_div(&(var + 1e-5)?.sqrt()?)?.broadcast_mul(&self.weight.as_tensor().reshape(shape)?)?.broadcast_add(&bias)
+            let (mean, var) =
+                (self.running_mean.as_tensor().reshape(shape)?, self.running_var.as_tensor().reshape(shape)?);
+            x.broadcast_sub(&mean)?
+                .broadcast_div(&(var + 1e-5)?.sqrt()?)?
+                .broadcast_mul(&self.weight.as_tensor().reshape(shape)?)?
+                .broadcast_add(&bias)
         }
     }
 }

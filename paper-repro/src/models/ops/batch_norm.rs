@@ -1,0 +1,158 @@
+//! Batch normalization in training mode (batch statistics, gain γ; β added separately), fused
+//! forward and backward.
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{f32_slice, Result};
+
+const BN_EPS: f32 = 1e-5;
+
+/// Per channel c of x (N, C, H, W): mean and 1/√(var + ε) over (N, H, W) (biased variance).
+fn channel_stats(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<(f32, f32)> {
+    (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let count = (n * hw) as f64;
+            let mut sum = 0f64;
+            for i in 0..n {
+                sum += x[(i * c + ch) * hw..(i * c + ch + 1) * hw].iter().map(|&v| v as f64).sum::<f64>();
+            }
+            let mean = sum / count;
+            let mut var = 0f64;
+            for i in 0..n {
+                var +=
+                    x[(i * c + ch) * hw..(i * c + ch + 1) * hw].iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>();
+            }
+            (mean as f32, 1.0 / ((var / count) as f32 + BN_EPS).sqrt())
+        })
+        .collect()
+}
+
+/// y = (x − mean)·rstd·γ (batch statistics; add β separately).
+struct BatchNormOp;
+
+impl CustomOp2 for BatchNormOp {
+    fn name(&self) -> &'static str {
+        "batch-norm-train"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, gamma) = (f32_slice(xs, xl)?, f32_slice(gs, gl)?);
+        let &[n, c, h, w] = xl.dims() else { candle_core::bail!("batch-norm expects NCHW, got {:?}", xl.dims()) };
+        let hw = h * w;
+        let stats = channel_stats(x, n, c, hw);
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(hw).zip(x.par_chunks(hw)).enumerate().for_each(|(plane, (o, xp))| {
+            let ch = plane % c;
+            let (mean, rstd) = stats[ch];
+            let scale = rstd * gamma[ch];
+            for (ov, &xv) in o.iter_mut().zip(xp) {
+                *ov = (xv - mean) * scale;
+            }
+        });
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let packed =
+            x.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &BatchNormBackward { gamma: gamma.contiguous()? })?;
+        let (nx, c) = (x.elem_count(), gamma.elem_count());
+        Ok((Some(packed.narrow(0, 0, nx)?.reshape(x.shape())?), Some(packed.narrow(0, nx, c)?)))
+    }
+}
+
+/// [dx | dγ]: with x̂ = (x − mean)·rstd and M = N·H·W per channel,
+/// dx = γ·rstd·(dy − mean(dy) − x̂·mean(dy·x̂)), dγ = Σ dy·x̂.
+struct BatchNormBackward {
+    gamma: Tensor,
+}
+
+impl CustomOp2 for BatchNormBackward {
+    fn name(&self) -> &'static str {
+        "batch-norm-train-backward"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (gst, gml) = self.gamma.storage_and_layout();
+        let candle_core::Storage::Cpu(gcpu) = &*gst else {
+            candle_core::bail!("batch-norm backward: gamma not on CPU")
+        };
+        let (x, dy, gamma) = (f32_slice(xs, xl)?, f32_slice(gs, gl)?, f32_slice(gcpu, gml)?);
+        let &[n, c, h, w] = xl.dims() else { candle_core::bail!("batch-norm expects NCHW") };
+        let hw = h * w;
+        let stats = channel_stats(x, n, c, hw);
+        // Per channel: Σ dy and Σ dy·x̂.
+        let sums: Vec<(f64, f64)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let (mean, rstd) = stats[ch];
+                let (mut s, mut sx) = (0f64, 0f64);
+                for i in 0..n {
+                    let base = (i * c + ch) * hw;
+                    for j in base..base + hw {
+                        s += dy[j] as f64;
+                        sx += (dy[j] * (x[j] - mean) * rstd) as f64;
+                    }
+                }
+                (s, sx)
+            })
+            .collect();
+        let m = (n * hw) as f64;
+        let mut out = vec![0f32; x.len() + c];
+        let (dx, dgamma) = out.split_at_mut(x.len());
+        dx.par_chunks_mut(hw).enumerate().for_each(|(plane, d)| {
+            let ch = plane % c;
+            let (mean, rstd) = stats[ch];
+            let (mdy, mdyx) = ((sums[ch].0 / m) as f32, (sums[ch].1 / m) as f32);
+            let base = plane * hw;
+            for (j, dv) in d.iter_mut().enumerate() {
+                let xhat = (x[base + j] - mean) * rstd;
+                *dv = gamma[ch] * rstd * (dy[base + j] - mdy - xhat * mdyx);
+            }
+        });
+        for (dg, s) in dgamma.iter_mut().zip(&sums) {
+            *dg = s.1 as f32;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(x.len() + c)))
+    }
+}
+
+/// Batch normalization with batch statistics and gain γ (NCHW); add β separately.
+pub fn batch_norm_train(x: &Tensor, gamma: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        x.contiguous()?.apply_op2(&gamma.contiguous()?, BatchNormOp)
+    } else {
+        let c = gamma.elem_count();
+        let mean = x.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
+        xc.broadcast_div(&(var + BN_EPS as f64)?.sqrt()?)?.broadcast_mul(&gamma.reshape((1, c, 1, 1))?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::ops::testing::grads_match;
+
+    #[test]
+    fn batch_norm_matches_composed_ops() {
+        let reference = |x: &Tensor, g: &Tensor| {
+            let mean = x.mean_keepdim(0).unwrap().mean_keepdim(2).unwrap().mean_keepdim(3).unwrap();
+            let xc = x.broadcast_sub(&mean).unwrap();
+            let var = xc.sqr().unwrap().mean_keepdim(0).unwrap().mean_keepdim(2).unwrap().mean_keepdim(3).unwrap();
+            xc.broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+                .unwrap()
+                .broadcast_mul(&g.reshape((1, 4, 1, 1)).unwrap())
+                .unwrap()
+        };
+        grads_match(|x, g| batch_norm_train(x, g).unwrap(), reference, &[6, 4, 5, 3], &[4]);
+    }
+}

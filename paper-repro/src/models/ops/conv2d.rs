@@ -1,0 +1,234 @@
+//! 2-D convolution (NCHW, square stride, zero padding) by im2col and GEMM, fused forward and
+//! backward.
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::gemm::gemm_into;
+use super::{f32_slice, Result};
+
+/// Geometry of a convolution.
+#[derive(Clone, Copy, Debug)]
+struct ConvShape {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    o: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+    ho: usize,
+    wo: usize,
+}
+
+impl ConvShape {
+    fn new(x: &[usize], w: &[usize], stride: usize, pad: usize) -> Result<Self> {
+        let (&[n, c, h, wd], &[o, ci, k, k2]) = (x, w) else {
+            candle_core::bail!("conv2d: expected 4-D input and kernel, got {x:?} and {w:?}")
+        };
+        if ci != c || k != k2 {
+            candle_core::bail!("conv2d: kernel {w:?} does not fit input {x:?}");
+        }
+        if h + 2 * pad < k || wd + 2 * pad < k {
+            candle_core::bail!("conv2d: kernel {k} larger than the padded input {x:?}");
+        }
+        Ok(Self {
+            n,
+            c,
+            h,
+            w: wd,
+            o,
+            k,
+            stride,
+            pad,
+            ho: (h + 2 * pad - k) / stride + 1,
+            wo: (wd + 2 * pad - k) / stride + 1,
+        })
+    }
+    fn rows(&self) -> usize {
+        self.c * self.k * self.k
+    }
+    fn positions(&self) -> usize {
+        self.ho * self.wo
+    }
+    /// The (row, position) → input index map, calling `f(row, pos, input_index)` for every
+    /// in-bounds tap of one image.
+    #[inline]
+    fn for_each_tap(&self, mut f: impl FnMut(usize, usize, usize)) {
+        let (s, p) = (self.stride as isize, self.pad as isize);
+        for ch in 0..self.c {
+            for ki in 0..self.k {
+                for kj in 0..self.k {
+                    let row = (ch * self.k + ki) * self.k + kj;
+                    for oy in 0..self.ho {
+                        let iy = oy as isize * s - p + ki as isize;
+                        if iy < 0 || iy >= self.h as isize {
+                            continue;
+                        }
+                        for ox in 0..self.wo {
+                            let ix = ox as isize * s - p + kj as isize;
+                            if ix < 0 || ix >= self.w as isize {
+                                continue;
+                            }
+                            f(row, oy * self.wo + ox, (ch * self.h + iy as usize) * self.w + ix as usize);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    fn im2col(&self, img: &[f32], cols: &mut [f32]) {
+        cols.iter_mut().for_each(|v| *v = 0.0);
+        let p = self.positions();
+        self.for_each_tap(|row, pos, i| cols[row * p + pos] = img[i]);
+    }
+}
+
+/// Images per rayon task in the convolution kernels.
+const IMAGES_PER_TASK: usize = 4;
+
+struct Conv2dOp {
+    stride: usize,
+    pad: usize,
+}
+
+impl CustomOp2 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "conv2d-im2col"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, w) = (f32_slice(xs, xl)?, f32_slice(ws, wl)?);
+        let g = ConvShape::new(xl.dims(), wl.dims(), self.stride, self.pad)?;
+        let (img, out_img) = (g.c * g.h * g.w, g.o * g.positions());
+        let mut out = vec![0f32; g.n * out_img];
+        out.par_chunks_mut(out_img * IMAGES_PER_TASK).zip(x.par_chunks(img * IMAGES_PER_TASK)).for_each(|(o, xi)| {
+            let mut cols = vec![0f32; g.rows() * g.positions()];
+            for (oimg, ximg) in o.chunks_mut(out_img).zip(xi.chunks(img)) {
+                g.im2col(ximg, &mut cols);
+                // out [O, P] = W [O, K] · cols [K, P]
+                gemm_into(g.o, g.positions(), g.rows(), oimg, false, (w, g.rows(), 1), (&cols, g.positions(), 1));
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((g.n, g.o, g.ho, g.wo))))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let op = Conv2dBackward { w: w.contiguous()?, stride: self.stride, pad: self.pad };
+        let packed = x.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &op)?;
+        let (nx, nw) = (x.elem_count(), w.elem_count());
+        Ok((Some(packed.narrow(0, 0, nx)?.reshape(x.shape())?), Some(packed.narrow(0, nx, nw)?.reshape(w.shape())?)))
+    }
+}
+
+/// [dx | dw] of a convolution: per image, dW += dY·colsᵀ and dcols = Wᵀ·dY scattered back
+/// (col2im) into dx; the per-task dW partials are summed in task order (deterministic).
+struct Conv2dBackward {
+    w: Tensor,
+    stride: usize,
+    pad: usize,
+}
+
+impl CustomOp2 for Conv2dBackward {
+    fn name(&self) -> &'static str {
+        "conv2d-im2col-backward"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (wst, wl) = self.w.storage_and_layout();
+        let candle_core::Storage::Cpu(wcpu) = &*wst else { candle_core::bail!("conv2d backward: kernel not on CPU") };
+        let (x, dy, w) = (f32_slice(xs, xl)?, f32_slice(gs, gl)?, f32_slice(wcpu, wl)?);
+        let g = ConvShape::new(xl.dims(), wl.dims(), self.stride, self.pad)?;
+        let (img, out_img, p, kr) = (g.c * g.h * g.w, g.o * g.positions(), g.positions(), g.rows());
+        let mut out = vec![0f32; x.len() + w.len()];
+        let (dx, dw_total) = out.split_at_mut(x.len());
+        let partials: Vec<Vec<f32>> = dx
+            .par_chunks_mut(img * IMAGES_PER_TASK)
+            .zip(x.par_chunks(img * IMAGES_PER_TASK).zip(dy.par_chunks(out_img * IMAGES_PER_TASK)))
+            .map(|(dxi, (xi, dyi))| {
+                let mut dw = vec![0f32; w.len()];
+                let mut cols = vec![0f32; kr * p];
+                let mut dcols = vec![0f32; kr * p];
+                for ((dximg, ximg), dyimg) in dxi.chunks_mut(img).zip(xi.chunks(img)).zip(dyi.chunks(out_img)) {
+                    g.im2col(ximg, &mut cols);
+                    // dW [O, K] += dY [O, P] · colsᵀ [P, K]
+                    gemm_into(g.o, kr, p, &mut dw, true, (dyimg, p, 1), (&cols, 1, p));
+                    // dcols [K, P] = Wᵀ [K, O] · dY [O, P]
+                    gemm_into(kr, p, g.o, &mut dcols, false, (w, 1, kr), (dyimg, p, 1));
+                    g.for_each_tap(|row, pos, i| dximg[i] += dcols[row * p + pos]);
+                }
+                dw
+            })
+            .collect();
+        for part in partials {
+            for (t, v) in dw_total.iter_mut().zip(part) {
+                *t += v;
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from(x.len() + w.len())))
+    }
+}
+
+/// 2-D convolution (NCHW input, (O, C, k, k) kernel), square stride and zero padding.
+pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        x.contiguous()?.apply_op2(&w.contiguous()?, Conv2dOp { stride, pad })
+    } else {
+        x.conv2d(w, pad, stride, 1, 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::ops::testing::grads_match;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn conv2d_matches_candle_forward_and_backward() {
+        // Shapes where the strided output tiles the input exactly (candle 0.11's own conv2d
+        // backward returns a wrongly sized input gradient otherwise; see the next test).
+        for (stride, pad, k, hw) in [(1, 1, 3, (9, 8)), (2, 1, 3, (9, 9)), (2, 0, 1, (9, 9)), (1, 0, 3, (9, 8))] {
+            grads_match(
+                |x, w| conv2d(x, w, stride, pad).unwrap(),
+                |x, w| x.conv2d(w, pad, stride, 1, 1).unwrap(),
+                &[5, 3, hw.0, hw.1],
+                &[4, 3, k, k],
+            );
+        }
+    }
+
+    #[test]
+    fn conv2d_input_gradient_is_right_when_the_stride_does_not_tile_the_input() {
+        // Central differences of Σ r ⊙ conv(x) with respect to a few entries of x (8 wide,
+        // stride 2: the last column is read by no window).
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 2, 5, 8), &dev).unwrap()).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (3, 2, 3, 3), &dev).unwrap();
+        let y = conv2d(x.as_tensor(), &w, 2, 1).unwrap();
+        let r = Tensor::randn(0f32, 1.0, y.shape(), &dev).unwrap();
+        let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let dx = g.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(dx.len(), 80);
+        let base = x.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let f = |v: &[f32]| -> f64 {
+            let t = Tensor::from_vec(v.to_vec(), (1, 2, 5, 8), &dev).unwrap();
+            (conv2d(&t, &w, 2, 1).unwrap() * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_dtype(candle_core::DType::F64)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        for i in [0, 7, 15, 39, 47, 79] {
+            let (mut a, mut b) = (base.clone(), base.clone());
+            a[i] += 1e-2;
+            b[i] -= 1e-2;
+            let fd = (f(&a) - f(&b)) / 2e-2;
+            assert!((fd - dx[i] as f64).abs() < 1e-2 * (1.0 + fd.abs()), "dx[{i}] {} vs {fd}", dx[i]);
+        }
+    }
+}

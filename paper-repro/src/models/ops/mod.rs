@@ -1,0 +1,98 @@
+//! Fused CPU operators with hand-written backward passes: causal self-attention on the packed
+//! q|k|v projection, the causal softmax, LayerNorm (gain only; the bias is a separate broadcast
+//! add), the exact (erf) GELU, the im2col convolution and training-mode batch normalization.
+//!
+//! Composed from candle's elementwise operators, each of these costs 5–20 passes over its
+//! tensor and as many allocations, forward and backward; profiling the baby GPT's training step
+//! put those passes above the matrix products (see `just bench-train`). Each fused operator is
+//! one pass forward and one pass backward, parallel over rows (or images, or heads), with
+//! arithmetic in f32 like candle's own. On other devices and dtypes every public function falls
+//! back to the composed candle operations.
+//!
+//! One kernel family per file, each checked by its tests against the composed candle operations
+//! (and, for the convolution, against central finite differences).
+
+mod attention;
+mod batch_norm;
+mod conv2d;
+mod gelu;
+mod gemm;
+mod layer_norm;
+mod softmax;
+
+pub use attention::{causal_self_attention, composed_causal_self_attention};
+pub use batch_norm::batch_norm_train;
+pub use conv2d::conv2d;
+pub use gelu::gelu;
+pub use layer_norm::layer_norm;
+pub use softmax::causal_softmax;
+
+use candle_core::{CpuStorage, Layout};
+
+pub(crate) type Result<T> = candle_core::Result<T>;
+
+pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("fused op: input is not contiguous"),
+    }
+}
+
+/// Rows of work per rayon task.
+pub(crate) const ROWS_PER_TASK: usize = 64;
+
+/// Checks shared by the operators' tests: each fused operator against the composed candle ops.
+#[cfg(test)]
+pub(crate) mod testing {
+    use candle_core::{Device, Tensor, Var};
+
+    pub(crate) fn close(a: &Tensor, b: &Tensor, tol: f32) {
+        let (a, b) =
+            (a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert_eq!(a.len(), b.len());
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!((x - y).abs() <= tol * (1.0 + y.abs()), "element {i}: {x} vs {y}");
+        }
+    }
+
+    /// Forward values and gradients (of Σ r⊙f(x) for a random r) of a fused operator against
+    /// the composed candle reference.
+    pub(crate) fn check(shape: &[usize], fused: impl Fn(&Tensor) -> Tensor, reference: impl Fn(&Tensor) -> Tensor) {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev).unwrap()).unwrap();
+        let r = Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
+        let (yf, yr) = (fused(x.as_tensor()), reference(x.as_tensor()));
+        close(&yf, &yr, 1e-5);
+        let gf = (yf * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gr = (yr * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        close(gf.get(x.as_tensor()).unwrap(), gr.get(x.as_tensor()).unwrap(), 1e-4);
+    }
+
+    pub(crate) fn grads_match(
+        f: impl Fn(&Tensor, &Tensor) -> Tensor,
+        g: impl Fn(&Tensor, &Tensor) -> Tensor,
+        xs: &[usize],
+        ws: &[usize],
+    ) {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, xs, &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(0.5f32, 0.3, ws, &dev).unwrap()).unwrap();
+        let (a, b) = (f(x.as_tensor(), w.as_tensor()), g(x.as_tensor(), w.as_tensor()));
+        let r = Tensor::randn(0f32, 1.0, a.shape(), &dev).unwrap();
+        let close = |p: &Tensor, q: &Tensor, what: &str| {
+            let (p, q) = (
+                p.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                q.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
+            for (i, (u, v)) in p.iter().zip(&q).enumerate() {
+                assert!((u - v).abs() <= 2e-4 * (1.0 + v.abs()), "{what}[{i}]: {u} vs {v}");
+            }
+        };
+        close(&a, &b, "forward");
+        let ga = (a * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (b * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        close(ga.get(x.as_tensor()).unwrap(), gb.get(x.as_tensor()).unwrap(), "dx");
+        close(ga.get(w.as_tensor()).unwrap(), gb.get(w.as_tensor()).unwrap(), "dw");
+    }
+}
