@@ -21,7 +21,8 @@ use crate::frameworks::{
 use crate::problems::{Kind, Noise, Objective};
 
 /// How much to run.
-#[derive(Clone, Copy, Debug, Serialize)]
+#[derive(Clone, Copy, Debug, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Size {
     /// Instances per bound.
     pub instances: usize,
@@ -33,10 +34,6 @@ pub struct Size {
     pub base_seed: u64,
 }
 
-impl Size {
-    pub const QUICK: Size = Size { instances: 16, seeds: 8, steps: (40, 250), base_seed: 20_240_117 };
-    pub const FULL: Size = Size { instances: 60, seeds: 16, steps: (100, 1500), base_seed: 20_240_117 };
-}
 
 /// The verdict on one instance.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -326,7 +323,7 @@ pub fn check_all(bounds: &[Bound], size: &Size, progress: &(dyn Fn() + Sync)) ->
 }
 
 /// Per-bound summary.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Summary {
     pub bound: String,
     pub instances: usize,
@@ -372,6 +369,8 @@ mod tests {
         assert_eq!(confidence(&[5.0, 5.0]), (5.0, 5.0, 5.0));
     }
 
+    const SMALL: Size = Size { instances: 16, seeds: 8, steps: (40, 250), base_seed: 20_240_117 };
+
     #[test]
     fn a_false_bound_is_caught() {
         // A "bound" of 1e-12 on ‖∇F‖² must be reported violated, not passed.
@@ -386,7 +385,7 @@ mod tests {
                 value: Box::new(|_, _| 1e-12),
             },
         };
-        let rows: Vec<Row> = (0..6).filter_map(|k| check_nonconvex(&fake, k, 7 + k as u64, &Size::QUICK)).collect();
+        let rows: Vec<Row> = (0..6).filter_map(|k| check_nonconvex(&fake, k, 7 + k as u64, &SMALL)).collect();
         assert!(rows.iter().any(|r| r.status == Status::Violation), "{rows:?}");
         assert!(rows.iter().all(|r| r.status != Status::Pass));
     }

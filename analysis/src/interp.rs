@@ -50,6 +50,12 @@ impl Curve {
         self.empirical[i] < self.empirical[0] && self.empirical[i] < self.empirical[last]
     }
 
+    /// Some ρ < 1 gives a bound below its value at ρ = 1.
+    pub fn below_the_end(&self) -> bool {
+        let last = self.bound.len() - 1;
+        self.bound[..last].iter().any(|b| *b < self.bound[last])
+    }
+
     pub fn bound_argmin(&self) -> f64 {
         self.rho[argmin(&self.bound)]
     }

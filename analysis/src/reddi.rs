@@ -1,20 +1,55 @@
 //! The Reddi et al. (2018) counterexample with the official MADA settings (digest §7):
 //! online linear losses on x ∈ [−1, 1], f_t(x) = 1010·x if t mod 101 = 1, else −10·x (x* = −1),
-//! x_0 = 0, lr 1e-3, T = 2,000,000.
-//!
-//! - Adam and AMSGrad: `torch.optim` conventions, betas (0.9, 0.99), ε = 1e-8.
-//! - AVGrad: the same conventions with the mean of v.
-//! - MADA: the official update (ε = 1e-6) from the Adam corner (0.9, 0.99, 0, 1, 1, 1) learning
-//!   β3, ρ and c with hyper-SGD lr 0.1 and momentum 0.9 (β1, β2 and γ not learned).
+//! x_0 = 0, T = 2,000,000. The optimizers and the learning rate are data ([`Settings`], the
+//! `[reddi]` table of `experiments/reddi.toml`): the official script's Adam and AMSGrad
+//! (`torch.optim`, betas (0.9, 0.99), ε = 1e-8, lr 1e-3), AVGrad in the same conventions, and MADA
+//! from the Adam corner with `amsgrad_toy.py`'s hyper-optimizer — with the running mean (the
+//! official code) and with AMSGrad's running maximum (claim 5).
 //!
 //! The box is enforced by projection (clamp) after every update. (The official script instead
 //! replaced the parameter object, which froze the torch optimizers' iterate at the first
 //! boundary hit; digest §12.15.)
 
-use anyhow::Result;
-use mada::baselines::AdamConfig;
-use mada::{Adam, AmsGrad, AnyOptimizer, AvGrad, Coef, Coefficients, HyperConfig, Mada, MadaConfig, Optimizer};
-use serde::Serialize;
+use anyhow::{bail, Context, Result};
+use mada::{AnyOptimizer, Optimizer, OptimizerSpec};
+use serde::{Deserialize, Serialize};
+
+/// One optimizer of the experiment.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Contender {
+    pub label: String,
+    pub spec: OptimizerSpec,
+}
+
+/// What the counterexample runs: one learning rate, several optimizers.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub lr: f64,
+    pub optimizers: Vec<Contender>,
+}
+
+impl Settings {
+    /// The `[reddi]` table of an experiment file (the rest of the file is the catalog's).
+    pub fn read(path: &std::path::Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let mut table: toml::Table = toml::from_str(&text).with_context(|| format!("invalid TOML in {}", path.display()))?;
+        let Some(reddi) = table.remove("reddi") else { bail!("{} has no [reddi] table", path.display()) };
+        reddi.try_into().with_context(|| format!("{}: [reddi]", path.display()))
+    }
+
+    /// The optimizers, built (every setting checked).
+    pub fn build(&self) -> Result<Vec<(String, AnyOptimizer<f64>)>> {
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            bail!("reddi.lr = {} must be positive", self.lr);
+        }
+        self.optimizers
+            .iter()
+            .map(|c| Ok((c.label.clone(), AnyOptimizer::from_spec(&c.spec).with_context(|| format!("reddi optimizer {}", c.label))?)))
+            .collect()
+    }
+}
 
 /// The loss sequence.
 pub fn gradient(t: u64) -> f64 {
@@ -70,21 +105,16 @@ fn run(name: &str, mut opt: AnyOptimizer<f64>, steps: u64, every: u64, lr: f64) 
     Ok(tr)
 }
 
-/// Run the four optimizers (in parallel) for `steps` steps, recording every `every`.
-pub fn run_all(steps: u64, every: u64) -> Result<Vec<Trajectory>> {
-    let lr = 1e-3;
-    let cfg = AdamConfig { beta1: 0.9, beta2: 0.99, eps: 1e-8, ..AdamConfig::default() };
-    let hyper = HyperConfig::learn(&[(Coef::Beta3, 0.1), (Coef::Rho, 0.1), (Coef::C, 0.1)])
-        .with_momentum([0.0, 0.0, 0.9, 0.9, 0.9, 0.0]);
-    let jobs = vec![
-        ("Adam", AnyOptimizer::Adam(Adam::new(cfg)?)),
-        ("AMSGrad", AnyOptimizer::AmsGrad(AmsGrad::new(cfg)?)),
-        ("AVGrad", AnyOptimizer::AvGrad(AvGrad::new(cfg)?)),
-        ("MADA", AnyOptimizer::Mada(Mada::new(MadaConfig::default(), hyper, Coefficients::adam(0.9, 0.99))?)),
-    ];
+/// Run every optimizer of `settings` (in parallel) for `steps` steps, recording every `every`.
+pub fn run_all(settings: &Settings, steps: u64, every: u64) -> Result<Vec<Trajectory>> {
+    if steps == 0 || steps > 1_000_000_000 {
+        bail!("reddi: steps = {steps} must lie in 1..=1e9");
+    }
+    let jobs = settings.build()?;
+    let lr = settings.lr;
     std::thread::scope(|scope| {
         let handles: Vec<_> =
-            jobs.into_iter().map(|(name, opt)| scope.spawn(move || run(name, opt, steps, every, lr))).collect();
+            jobs.into_iter().map(|(name, opt)| scope.spawn(move || run(&name, opt, steps, every.max(1), lr))).collect();
         handles.into_iter().map(|h| h.join().expect("optimizer thread panicked")).collect()
     })
 }
@@ -96,9 +126,14 @@ mod tests {
     /// The qualitative result of the official script: Adam is pushed to the wrong end (x ≈ +1,
     /// dipping after each large gradient), AMSGrad and AVGrad reach x* = −1, and MADA, started
     /// at the Adam corner, learns ρ → 0 (AVGrad) and moves towards −1.
+    /// The settings of the catalog's experiment.
+    pub fn catalog_settings() -> Settings {
+        Settings::read(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/reddi.toml")).unwrap()
+    }
+
     #[test]
     fn adam_fails_amsgrad_avgrad_converge_and_mada_learns_avgrad() {
-        let trs = run_all(2_000_000, 100_000).unwrap();
+        let trs = run_all(&catalog_settings(), 2_000_000, 100_000).unwrap();
         let get = |n: &str| trs.iter().find(|t| t.name == n).unwrap();
         let last_x = |n: &str| *get(n).x.last().unwrap();
         assert!(last_x("Adam") > 0.9, "Adam ends at {}", last_x("Adam"));

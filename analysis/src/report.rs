@@ -4,8 +4,9 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
 
 use crate::bounds::{read_slots, registry, Bound, Form};
 use crate::checks::{check_all, expected_grad_norm, summarize, Instance, Row, Size, Summary};
@@ -16,10 +17,116 @@ use crate::reddi;
 use outputs::plot::{save, LineChart, Panel, Series};
 use outputs::write_atomically;
 
+/// How large the bound checks are (a tier of `experiments/bounds.toml`).
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BoundsSettings {
+    pub size: Size,
+    /// Instances per framework of the interpolation study.
+    pub curves: usize,
+    /// `quick` (CI size) or `full`, for the report's wording.
+    pub quick: bool,
+}
+
+impl BoundsSettings {
+    /// The settings of `tier` in the bounds experiment file (`[tiers.<tier>.bounds]`).
+    pub fn read(path: &Path, tier: &str) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let table: toml::Table = toml::from_str(&text).with_context(|| format!("invalid TOML in {}", path.display()))?;
+        let value = table
+            .get("tiers")
+            .and_then(|t| t.get(tier))
+            .and_then(|t| t.get("bounds"))
+            .with_context(|| format!("{} has no [tiers.{tier}.bounds]", path.display()))?;
+        value.clone().try_into().with_context(|| format!("{}: [tiers.{tier}.bounds]", path.display()))
+    }
+}
+
 /// What `bounds` found.
 pub struct Outcome {
     pub instances: usize,
     pub violations: usize,
+}
+
+/// The interpolation study of one framework, counted (THEORY.md §6).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InterpolationCounts {
+    pub framework: String,
+    pub instances: usize,
+    /// An interior ρ gives a bound below both ends (THEORY.md's definition of the claim).
+    pub interior: usize,
+    /// … and the empirical quantity is also lower there than at both ends.
+    pub follows: usize,
+    /// Some ρ < 1 gives a bound below the Adam/AMSGrad end ρ = 1 (the weaker reading).
+    pub below_rho_one: usize,
+    /// The bound is smallest at ρ = 0 (AVGrad).
+    pub minimized_at_zero: usize,
+}
+
+impl InterpolationCounts {
+    fn of(framework: &str, curves: &[Curve]) -> Self {
+        Self {
+            framework: framework.into(),
+            instances: curves.len(),
+            interior: curves.iter().filter(|c| c.interior()).count(),
+            follows: curves.iter().filter(|c| c.interior() && c.empirical_follows()).count(),
+            below_rho_one: curves.iter().filter(|c| c.below_the_end()).count(),
+            minimized_at_zero: curves.iter().filter(|c| c.bound_argmin() == 0.0).count(),
+        }
+    }
+}
+
+/// What `bounds` writes as `bounds.json`, for the report.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BoundsReport {
+    /// `quick` or `full`.
+    pub mode: String,
+    pub instances: usize,
+    pub violations: usize,
+    pub summaries: Vec<Summary>,
+    /// Nonconvex semi-explicit (Adam ↔ AVGrad) and regret (AMSGrad ↔ AVGrad).
+    pub interpolation: Vec<InterpolationCounts>,
+    /// Instances where the explicit nonconvex bound is smallest at the Adam end.
+    pub explicit_minimized_at_adam: usize,
+}
+
+impl BoundsReport {
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("invalid {}", path.display()))
+    }
+}
+
+/// One optimizer's end of the Reddi counterexample (`reddi.json`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReddiRow {
+    pub name: String,
+    pub x: f64,
+    pub avg_regret: f64,
+    /// MADA-family only (None otherwise): final ρ, β3, c.
+    pub rho: Option<f64>,
+    pub beta3: Option<f64>,
+    pub c: Option<f64>,
+}
+
+/// What the Reddi counterexample writes as `reddi.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReddiReport {
+    pub steps: u64,
+    pub lr: f64,
+    pub rows: Vec<ReddiRow>,
+}
+
+impl ReddiReport {
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("invalid {}", path.display()))
+    }
+
+    /// The row of optimizer `name`.
+    pub fn row(&self, name: &str) -> Option<&ReddiRow> {
+        self.rows.iter().find(|r| r.name == name)
+    }
 }
 
 fn csv_escape(s: &str) -> String {
@@ -246,8 +353,8 @@ fn curves_figure(out: &Path, nc: &[Curve], rg: &[Curve]) -> Result<()> {
 }
 
 /// The Reddi figure's three panels (R_t/t, x_t, ρ_t), CSV and a markdown summary.
-pub fn reddi_outputs(out: &Path, steps: u64, every: u64) -> Result<String> {
-    let trs = reddi::run_all(steps, every)?;
+pub fn reddi_outputs(out: &Path, settings: &reddi::Settings, steps: u64, every: u64) -> Result<String> {
+    let trs = reddi::run_all(settings, steps, every)?;
     let mut csv = String::from("optimizer,t,avg_regret,x,rho,beta3,c\n");
     for tr in &trs {
         for i in 0..tr.t.len() {
@@ -292,10 +399,14 @@ pub fn reddi_outputs(out: &Path, steps: u64, every: u64) -> Result<String> {
             y_range: Some((-0.1, 1.1)),
             series: trs
                 .iter()
-                .filter(|t| t.name == "MADA")
+                .filter(|t| t.rho.iter().any(|r| r.is_finite()))
                 .flat_map(|t| {
                     let pts = |v: &[f64]| t.t.iter().zip(v).map(|(a, b)| (*a as f64, *b)).collect::<Vec<_>>();
-                    [Series::line("ρ", pts(&t.rho)), Series::line("β3", pts(&t.beta3)), Series::line("c", pts(&t.c))]
+                    [
+                        Series::line(format!("{} ρ", t.name), pts(&t.rho)),
+                        Series::line(format!("{} β3", t.name), pts(&t.beta3)),
+                        Series::line(format!("{} c", t.name), pts(&t.c)),
+                    ]
                 })
                 .collect(),
             ..Default::default()
@@ -318,18 +429,27 @@ pub fn reddi_outputs(out: &Path, steps: u64, every: u64) -> Result<String> {
         );
     }
     write_atomically(&out.join("reddi.md"), md.as_bytes())?;
+    let finite = |v: f64| v.is_finite().then_some(v);
+    let rows = trs
+        .iter()
+        .map(|t| {
+            let i = t.t.len() - 1;
+            ReddiRow { name: t.name.clone(), x: t.x[i], avg_regret: t.avg_regret[i], rho: finite(t.rho[i]), beta3: finite(t.beta3[i]), c: finite(t.c[i]) }
+        })
+        .collect();
+    let report = ReddiReport { steps, lr: settings.lr, rows };
+    write_atomically(&out.join("reddi.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
     Ok(md)
 }
 
-/// The whole `bounds` command (`with_reddi`: also the Reddi counterexample, at 200k steps in
-/// quick mode and the official 2M otherwise).
-pub fn run(out: &Path, quick: bool, slots: &Path, with_reddi: bool) -> Result<Outcome> {
-    let size = if quick { Size::QUICK } else { Size::FULL };
+/// The bound checks and the interpolation study, written to `out`.
+pub fn run(out: &Path, settings: &BoundsSettings, slots: &Path) -> Result<Outcome> {
+    let (size, quick) = (settings.size, settings.quick);
     let mut bounds = registry();
     for slot in read_slots(slots)? {
         bounds.push(slot.into_bound()?);
     }
-    let curves_n = if quick { 12 } else { 48 };
+    let curves_n = settings.curves;
     let total = (bounds.len() * size.instances) as u64;
     let bar = ProgressBar::new(total).with_style(
         ProgressStyle::with_template("bounds {bar:40} {pos}/{len} instances [{elapsed_precise}<{eta_precise}]")
@@ -349,12 +469,20 @@ pub fn run(out: &Path, quick: bool, slots: &Path, with_reddi: bool) -> Result<Ou
     write_atomically(&out.join("interpolation.json"), serde_json::to_string_pretty(&[&nc, &rg])?.as_bytes())?;
     curves_figure(out, &nc, &rg)?;
     bound_vs_n_figure(out, size.seeds, quick)?;
-    if with_reddi {
-        eprintln!("bounds: Reddi counterexample…");
-        reddi_outputs(out, if quick { 200_000 } else { 2_000_000 }, 1_000)?;
-    }
 
     let checked: usize = summaries.iter().map(|s| s.checked).sum();
     let violations: usize = summaries.iter().map(|s| s.violations).sum();
+    let report = BoundsReport {
+        mode: mode.into(),
+        instances: checked,
+        violations,
+        summaries,
+        interpolation: vec![
+            InterpolationCounts::of("nonconvex, semi-explicit bound (Adam ρ = 1 ↔ AVGrad ρ = 0)", &nc),
+            InterpolationCounts::of("regret bound (AMSGrad ρ = 1 ↔ AVGrad ρ = 0)", &rg),
+        ],
+        explicit_minimized_at_adam: explicit_minimized_at_adam(&nc),
+    };
+    write_atomically(&out.join("bounds.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
     Ok(Outcome { instances: checked, violations })
 }

@@ -199,6 +199,40 @@ pub fn compare(ours: &Trace, reference: &Trace, atol: f64, rtol: f64) -> Result<
     Ok(worst)
 }
 
+/// The reference trajectories of `tests/data/reference-traces` (name, spec, trajectory),
+/// embedded so that a moved binary still checks them.
+pub const REFERENCE_TRACES: [(&str, &str, &str); 11] = [
+    ("adam", include_str!("../tests/data/reference-traces/adam.json"), include_str!("../tests/data/reference-traces/adam.csv")),
+    ("adamw", include_str!("../tests/data/reference-traces/adamw.json"), include_str!("../tests/data/reference-traces/adamw.csv")),
+    ("adan", include_str!("../tests/data/reference-traces/adan.json"), include_str!("../tests/data/reference-traces/adan.csv")),
+    ("amsgrad", include_str!("../tests/data/reference-traces/amsgrad.json"), include_str!("../tests/data/reference-traces/amsgrad.csv")),
+    ("lion", include_str!("../tests/data/reference-traces/lion.json"), include_str!("../tests/data/reference-traces/lion.csv")),
+    ("mada_adam_frozen", include_str!("../tests/data/reference-traces/mada_adam_frozen.json"), include_str!("../tests/data/reference-traces/mada_adam_frozen.csv")),
+    ("mada_interior", include_str!("../tests/data/reference-traces/mada_interior.json"), include_str!("../tests/data/reference-traces/mada_interior.csv")),
+    ("mada_lion_corner", include_str!("../tests/data/reference-traces/mada_lion_corner.json"), include_str!("../tests/data/reference-traces/mada_lion_corner.csv")),
+    ("mada_momentum_clip_start", include_str!("../tests/data/reference-traces/mada_momentum_clip_start.json"), include_str!("../tests/data/reference-traces/mada_momentum_clip_start.csv")),
+    ("sgd_momentum", include_str!("../tests/data/reference-traces/sgd_momentum.json"), include_str!("../tests/data/reference-traces/sgd_momentum.csv")),
+    ("yogi", include_str!("../tests/data/reference-traces/yogi.json"), include_str!("../tests/data/reference-traces/yogi.csv")),
+];
+
+/// Tolerance of the reference check: |ours − ref| ≤ atol + rtol·|ref| on every cell.
+pub const REFERENCE_TOLERANCE: (f64, f64) = (1e-9, 1e-8);
+
+/// Each embedded reference trajectory rerun: (name, worst |ours − ref| / tolerance; ≤ 1 passes).
+pub fn check_references() -> Vec<(&'static str, Result<f64>)> {
+    REFERENCE_TRACES
+        .iter()
+        .map(|(name, spec, csv)| {
+            let worst = (|| {
+                let ours = run(&TraceSpec::parse(spec)?)?;
+                let (atol, rtol) = REFERENCE_TOLERANCE;
+                Ok(compare(&ours, &Trace::from_csv(csv)?, atol, rtol)?.0)
+            })();
+            (*name, worst)
+        })
+        .collect()
+}
+
 /// The `trace` command.
 pub fn command(spec_path: &Path, out: &Path) -> Result<()> {
     let spec = TraceSpec::read(spec_path)?;

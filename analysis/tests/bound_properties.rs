@@ -33,7 +33,11 @@ proptest! {
 #[test]
 fn the_quick_report_finds_no_violation() {
     let dir = tempfile::tempdir().unwrap();
-    let outcome = analysis::report::run(dir.path(), true, &dir.path().join("no-slots.toml"), true).unwrap();
+    let catalog = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments");
+    let settings = analysis::report::BoundsSettings::read(&catalog.join("bounds.toml"), "smoke").unwrap();
+    let outcome = analysis::report::run(dir.path(), &settings, &dir.path().join("no-slots.toml")).unwrap();
+    let reddi = analysis::reddi::Settings::read(&catalog.join("reddi.toml")).unwrap();
+    analysis::report::reddi_outputs(dir.path(), &reddi, 20_000, 1_000).unwrap();
     assert!(outcome.instances >= 100, "{} instances", outcome.instances);
     assert_eq!(outcome.violations, 0);
     for f in [

@@ -51,6 +51,17 @@
 //! ∂u/∂c  = γ·K·ρ·(1−β2)·(ĝ_t² − v_{t−1} − ĝ_t²·s_t)/B2
 //! ```
 //!
+//! # The running maximum instead of the mean (claim 5)
+//!
+//! With [`RunningMoment::Max`], v̄_t is replaced by AMSGrad's running maximum
+//! v̂max_t = max(v̂max_{t−1}, v_t), v̂max_0 = v_0, so ρ = 0 is AMSGrad and ρ = 1 still Adam. The
+//! official code stops the gradient through v̄_t; the maximum is differentiated instead, with
+//! χ_t = ∂v̂max_t/∂v_t = 1 where v_t is the new maximum, 0 where an earlier value holds it and ½
+//! at a tie (`torch.maximum`). With κ = ρ + (1−ρ)·χ_t in place of ρ in the β2, β3 and c partials
+//! above (for the mean κ = ρ), and v̂max_t in place of v̄_t everywhere, the partials are those
+//! of the mean — which is what makes the two comparable: the max contributes nothing through
+//! the current step wherever an old value holds it.
+//!
 //! # What is stored, and why
 //!
 //! The hyper-gradient needs ∇f(x_t), which exists only at the next step, while that step's
@@ -88,6 +99,23 @@ pub enum Semantics {
     Textbook,
 }
 
+/// What ρ interpolates v_t with: AVGrad's running mean (the official code) or AMSGrad's running
+/// maximum (the first version of the official code had it commented out; a third-party rendering
+/// of the paper uses it). Claim 5 of the paper compares the two.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunningMoment {
+    /// v̄_t = (v_t + (t−1)·v̄_{t−1})/t, held constant inside v̂_t by the hyper-gradient (the
+    /// official code's stop-gradient): ρ = 0 is AVGrad.
+    #[default]
+    Mean,
+    /// v̂max_t = max(v̂max_{t−1}, v_t) (v̂max_0 = v_0), differentiated through the max: its
+    /// derivative with respect to v_t is 1 where v_t is the new maximum, 0 where an earlier value
+    /// holds it, and ½ at a tie (`torch.maximum`'s convention). ρ = 0 is AMSGrad (torch's
+    /// `amsgrad=True`: the maximum of the raw second moments, then the bias correction).
+    Max,
+}
+
 /// Fixed settings of the MADA update (everything except the learned coefficients).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -104,6 +132,8 @@ pub struct MadaConfig {
     pub initial_v: f64,
     /// The box the coefficients are projected onto.
     pub bounds: CoefficientBox,
+    /// What ρ interpolates v_t with (official: the running mean).
+    pub running: RunningMoment,
 }
 
 impl Default for MadaConfig {
@@ -115,6 +145,7 @@ impl Default for MadaConfig {
             lion_beta2: 0.98,
             initial_v: 1e-15,
             bounds: CoefficientBox::OFFICIAL,
+            running: RunningMoment::Mean,
         }
     }
 }
@@ -159,7 +190,8 @@ pub struct MadaTensorState<T> {
     pub m: Vec<T>,
     /// v_t: second moment (EMA of g̃²).
     pub v: Vec<T>,
-    /// v̄_t: arithmetic mean of v_1..v_t (AVGrad).
+    /// v̄_t: arithmetic mean of v_1..v_t (AVGrad) — or, with [`RunningMoment::Max`], the running
+    /// maximum max(v_0, v_1..v_t) (AMSGrad).
     pub v_mean: Vec<T>,
     /// n_t: EMA of gradient differences (Adan-like).
     pub n: Vec<T>,
@@ -171,7 +203,9 @@ pub struct MadaTensorState<T> {
     pub d_prev: Vec<T>,
     /// v_{t−1} of the last update (hyper-gradient only; empty when not tracked).
     pub v_prev: Vec<T>,
-    /// sign(cL_t) of the last update (hyper-gradient only; empty when not tracked).
+    /// sign(cL_t) of the last update (hyper-gradient only; empty when not tracked); with
+    /// [`RunningMoment::Max`] it also carries the max's derivative χ_t ∈ {0, ½, 1} (see
+    /// [`pack_sign_chi`]).
     pub lion_sign: Vec<i8>,
     /// Coefficients used by the last update (q_t).
     pub last_coefficients: Coefficients,
@@ -293,13 +327,34 @@ struct ElementUpdate<T> {
     lion_m: T,
     d: T,
     lion_sign: T,
+    /// ∂(running moment)/∂v_t: 0 for the (detached) mean; 0, ½ or 1 for the max.
+    chi: T,
+}
+
+/// The byte kept per element for the hyper-gradient: sign(cL_t) ∈ {−1, 0, 1}, plus 4·code of
+/// χ_t (code 0, 1, 2 for χ = 0, ½, 1) with the running maximum. With the mean the code is 0 and
+/// the byte is the plain sign.
+#[inline(always)]
+fn pack_sign_chi<T: Float>(lion_sign: T, chi: T) -> i8 {
+    let two = T::one() + T::one();
+    let code = (chi * two).f64() as i8;
+    sign_i8(lion_sign) + 4 * code
+}
+
+/// The inverse of [`pack_sign_chi`]: (sign(cL_t), χ_t).
+#[inline(always)]
+fn unpack_sign_chi<T: Float>(b: i8) -> (T, T) {
+    let code = (b + 1).div_euclid(4);
+    let half = T::one() / (T::one() + T::one());
+    (T::of_i8(b - 4 * code), T::of_i8(code) * half)
 }
 
 /// One element of the update. `v_mean_detached` replaces v̄_t inside v̂_t (the tests use it to
-/// reproduce the official stop-gradient in finite differences); the kernels pass `None`.
+/// reproduce the official stop-gradient in finite differences); the kernels pass `None`. `MAX`
+/// selects the running maximum instead of the mean.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn element_update<T: Float, const TEXTBOOK: bool>(
+fn element_update<T: Float, const TEXTBOOK: bool, const MAX: bool>(
     k: &Scalars<T>,
     g: T,
     m: T,
@@ -324,7 +379,19 @@ fn element_update<T: Float, const TEXTBOOK: bool>(
         let lm = k.lion_b2 * lion_m + k.lion_omb2 * g;
         (lm, k.lion_b1 * lm + k.lion_omb1 * g)
     };
-    let v_mean = (v + k.t_minus_1 * v_mean) * k.inv_t;
+    let (v_mean, chi) = if MAX {
+        let half = T::one() / (T::one() + T::one());
+        let chi = if v > v_mean {
+            T::one()
+        } else if v < v_mean {
+            T::zero()
+        } else {
+            half
+        };
+        (if v > v_mean { v } else { v_mean }, chi)
+    } else {
+        ((v + k.t_minus_1 * v_mean) * k.inv_t, T::zero())
+    };
     let mean_in_vhat = match v_mean_detached {
         Some(x) => x,
         None => v_mean,
@@ -334,14 +401,15 @@ fn element_update<T: Float, const TEXTBOOK: bool>(
     let adaptive = (m_hat + k.b3 * n) / (v_hat.sqrt() + k.eps);
     let lion_sign = sign(lion_dir);
     let u = k.gamma * adaptive + k.omgamma * lion_sign;
-    ElementUpdate { u, m, v, v_mean, n, lion_m, d, lion_sign }
+    ElementUpdate { u, m, v, v_mean, n, lion_m, d, lion_sign, chi }
 }
 
 /// ∂u_t/∂q for one element, from the state left by update t (module docs, "What is stored").
-/// Returns the partials in [`Coef`] order.
+/// `chi` = ∂(running moment)/∂v_t (0 for the detached mean). Returns the partials in [`Coef`]
+/// order.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn element_partials<T: Float>(
+fn element_partials<T: Float, const MAX: bool>(
     k: &Scalars<T>,
     g: T,
     d: T,
@@ -351,6 +419,7 @@ fn element_partials<T: Float>(
     v_mean: T,
     n: T,
     lion_sign: T,
+    chi: T,
 ) -> [T; 6] {
     let two = T::one() + T::one();
     let ghat = g + k.b3 * d;
@@ -369,10 +438,12 @@ fn element_partials<T: Float>(
     // K = ∂A/∂v̂ = −N / (2·S·D²) = −A·(1/D)·(1/S)/2
     let kk = -a * inv_den * (den * r) / two;
     let gk = k.gamma * kk;
-    let rho_omb2_bc2 = k.rho * k.omb2 * k.inv_bc2;
+    // κ = ∂mix/∂v_t: ρ with the detached mean, ρ + (1 − ρ)·χ through the maximum.
+    let kappa = if MAX { k.rho + k.omrho * chi } else { k.rho };
+    let rho_omb2_bc2 = kappa * k.omb2 * k.inv_bc2;
     [
         k.gamma * ((m - g) * k.inv_b1 * k.inv_bc1 + m * k.dinv_bc1) * inv_den,
-        gk * (k.rho * (v_old - gt2) * k.inv_bc2 + mix * k.dinv_bc2),
+        gk * (kappa * (v_old - gt2) * k.inv_bc2 + mix * k.dinv_bc2),
         k.gamma * (two * n - d) * inv_den + gk * rho_omb2_bc2 * two * ghat * d * (k.c + k.omc * s),
         gk * (v - v_mean) * k.inv_bc2,
         gk * rho_omb2_bc2 * (ghat2 - v_old - ghat2 * s),
@@ -497,7 +568,11 @@ impl<T: Float> Mada<T> {
             (&state.g_prev[..], &state.d_prev[..], &state.v_prev[..], &state.m[..]),
             (&state.v[..], &state.v_mean[..], &state.n[..], &state.lion_sign[..]),
         );
-        let sums = par::fold(views, &|chunk| partial_sums(&k, chunk), &|a, b| std::array::from_fn(|i| a[i] + b[i]));
+        let add = |a: [f64; 6], b: [f64; 6]| std::array::from_fn(|i| a[i] + b[i]);
+        let sums = match self.config.running {
+            RunningMoment::Mean => par::fold(views, &|chunk| partial_sums::<T, false>(&k, chunk), &add),
+            RunningMoment::Max => par::fold(views, &|chunk| partial_sums::<T, true>(&k, chunk), &add),
+        };
         Ok(sums.map(|s| -state.last_lr * s))
     }
 
@@ -571,7 +646,7 @@ impl<T: Float> Mada<T> {
 /// (first into [`LANES`] fixed lanes, so the loops vectorize and the summation order is fixed
 /// in code) and in f64 across blocks.
 #[inline(always)]
-fn partial_sums_kernel<T: Float>(k: &Scalars<T>, views: HyperViews<'_, T>) -> [f64; 6] {
+fn partial_sums_kernel<T: Float, const MAX: bool>(k: &Scalars<T>, views: HyperViews<'_, T>) -> [f64; 6] {
     let (w, (g, d, v_old, m), (v, v_mean, n, lion_sign)) = views;
     let mut total = [0.0f64; 6];
     let mut weighted = [[T::zero(); BLOCK]; 6];
@@ -583,7 +658,8 @@ fn partial_sums_kernel<T: Float>(k: &Scalars<T>, views: HyperViews<'_, T>) -> [f
         let (v, v_mean, n, ls) = (&v[r.clone()], &v_mean[r.clone()], &n[r.clone()], &lion_sign[r]);
         // Map: the weighted partials of every element (no dependence between iterations).
         for i in 0..len {
-            let p = element_partials(k, g[i], d[i], v_old[i], m[i], v[i], v_mean[i], n[i], T::of_i8(ls[i]));
+            let (lion_sign, chi) = if MAX { unpack_sign_chi(ls[i]) } else { (T::of_i8(ls[i]), T::zero()) };
+            let p = element_partials::<T, MAX>(k, g[i], d[i], v_old[i], m[i], v[i], v_mean[i], n[i], lion_sign, chi);
             for q in 0..6 {
                 weighted[q][i] = w[i] * p[q];
             }
@@ -621,8 +697,8 @@ type UpdateViews<'a, T> = (
     (&'a mut [T], &'a mut [T], &'a mut [i8]),
 );
 
-simd_kernel!(fn partial_sums[T: Float](k: &Scalars<T>, views: HyperViews<'_, T>) -> [f64; 6] = partial_sums_kernel[T]);
-simd_kernel!(fn update_chunk[T: Float, const TEXTBOOK: bool, const TRACK: bool](k: &Scalars<T>, views: UpdateViews<'_, T>) = update_kernel[T, TEXTBOOK, TRACK]);
+simd_kernel!(fn partial_sums[T: Float, const MAX: bool](k: &Scalars<T>, views: HyperViews<'_, T>) -> [f64; 6] = partial_sums_kernel[T, MAX]);
+simd_kernel!(fn update_chunk[T: Float, const TEXTBOOK: bool, const TRACK: bool, const MAX: bool](k: &Scalars<T>, views: UpdateViews<'_, T>) = update_kernel[T, TEXTBOOK, TRACK, MAX]);
 
 /// Elements per block of the hyper-gradient pass (its weighted partials stay in L1).
 const BLOCK: usize = 256;
@@ -631,7 +707,10 @@ const LANES: usize = 16;
 
 /// Pass 2 over one chunk: the update, writing the state the next hyper-gradient needs.
 #[inline(always)]
-fn update_kernel<T: Float, const TEXTBOOK: bool, const TRACK: bool>(k: &Scalars<T>, views: UpdateViews<'_, T>) {
+fn update_kernel<T: Float, const TEXTBOOK: bool, const TRACK: bool, const MAX: bool>(
+    k: &Scalars<T>,
+    views: UpdateViews<'_, T>,
+) {
     let (p, g, (m, v, v_mean, n), (g_prev, lion_m), (d_prev, v_prev, lion_sign)) = views;
     let len = p.len();
     // Re-slice to one length so the loop has no bounds checks and vectorizes.
@@ -647,11 +726,11 @@ fn update_kernel<T: Float, const TEXTBOOK: bool, const TRACK: bool>(k: &Scalars<
     let tracked = if TRACK { len } else { 0 };
     let (d_prev, v_prev, lion_sign) = (&mut d_prev[..tracked], &mut v_prev[..tracked], &mut lion_sign[..tracked]);
     for i in 0..len {
-        let e = element_update::<T, TEXTBOOK>(k, g[i], m[i], v[i], v_mean[i], n[i], g_prev[i], lion_m[i], None);
+        let e = element_update::<T, TEXTBOOK, MAX>(k, g[i], m[i], v[i], v_mean[i], n[i], g_prev[i], lion_m[i], None);
         if TRACK {
             d_prev[i] = e.d;
             v_prev[i] = v[i];
-            lion_sign[i] = sign_i8(e.lion_sign);
+            lion_sign[i] = if MAX { pack_sign_chi(e.lion_sign, e.chi) } else { sign_i8(e.lion_sign) };
         }
         p[i] = p[i] - k.lr * e.u;
         m[i] = e.m;
@@ -696,11 +775,16 @@ impl<T: Float> Optimizer<T> for Mada<T> {
             (&mut s.g_prev[..], &mut s.lion_m[..]),
             (&mut s.d_prev[..], &mut s.v_prev[..], &mut s.lion_sign[..]),
         );
-        match (config.semantics, track) {
-            (Semantics::OfficialCode, true) => par::for_each(views, &|c| update_chunk::<T, false, true>(&k, c)),
-            (Semantics::OfficialCode, false) => par::for_each(views, &|c| update_chunk::<T, false, false>(&k, c)),
-            (Semantics::Textbook, true) => par::for_each(views, &|c| update_chunk::<T, true, true>(&k, c)),
-            (Semantics::Textbook, false) => par::for_each(views, &|c| update_chunk::<T, true, false>(&k, c)),
+        use RunningMoment::{Max, Mean};
+        match (config.semantics, track, config.running) {
+            (Semantics::OfficialCode, true, Mean) => par::for_each(views, &|c| update_chunk::<T, false, true, false>(&k, c)),
+            (Semantics::OfficialCode, false, Mean) => par::for_each(views, &|c| update_chunk::<T, false, false, false>(&k, c)),
+            (Semantics::Textbook, true, Mean) => par::for_each(views, &|c| update_chunk::<T, true, true, false>(&k, c)),
+            (Semantics::Textbook, false, Mean) => par::for_each(views, &|c| update_chunk::<T, true, false, false>(&k, c)),
+            (Semantics::OfficialCode, true, Max) => par::for_each(views, &|c| update_chunk::<T, false, true, true>(&k, c)),
+            (Semantics::OfficialCode, false, Max) => par::for_each(views, &|c| update_chunk::<T, false, false, true>(&k, c)),
+            (Semantics::Textbook, true, Max) => par::for_each(views, &|c| update_chunk::<T, true, true, true>(&k, c)),
+            (Semantics::Textbook, false, Max) => par::for_each(views, &|c| update_chunk::<T, true, false, true>(&k, c)),
         }
         s.last_coefficients = q;
         s.last_lr = lr;

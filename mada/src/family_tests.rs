@@ -44,9 +44,26 @@ fn coefficients() -> impl Strategy<Value = Coefficients> {
         .prop_map(|(beta1, beta2, beta3, rho, c, gamma)| Coefficients { beta1, beta2, beta3, rho, c, gamma })
 }
 
+/// Which reading of the family a test runs.
+#[derive(Clone, Copy, Debug)]
+struct Variant {
+    semantics: Semantics,
+    running: RunningMoment,
+}
+
+const OFFICIAL: Variant = Variant { semantics: Semantics::OfficialCode, running: RunningMoment::Mean };
+const TEXTBOOK: Variant = Variant { semantics: Semantics::Textbook, running: RunningMoment::Mean };
+const OFFICIAL_MAX: Variant = Variant { semantics: Semantics::OfficialCode, running: RunningMoment::Max };
+
+impl Variant {
+    fn config(self) -> MadaConfig {
+        MadaConfig { semantics: self.semantics, running: self.running, ..MadaConfig::default() }
+    }
+}
+
 /// A MADA optimizer whose tensor 0 is in the given pre-update state at step `t − 1`.
-fn optimizer_in_state(elems: &[Elem], t_before: u64, q: Coefficients, semantics: Semantics) -> Mada<f64> {
-    let config = MadaConfig { semantics, ..MadaConfig::default() };
+fn optimizer_in_state(elems: &[Elem], t_before: u64, q: Coefficients, variant: Variant) -> Mada<f64> {
+    let config = variant.config();
     let mut opt = Mada::<f64>::new(config, HyperConfig::frozen().monitored(), q).unwrap();
     let len = elems.len();
     let g: Vec<f64> = elems.iter().map(|e| e.g).collect();
@@ -64,25 +81,29 @@ fn optimizer_in_state(elems: &[Elem], t_before: u64, q: Coefficients, semantics:
 }
 
 /// φ(q) = Σ_i w_i·(−η·u_i(q)): the one-step loss of a linear next loss with gradient w, minus
-/// the constant Σ w_i x_{t−1,i}. `mean_detached` holds v̄_t fixed, as the official code does.
-fn one_step_loss(
-    elems: &[Elem],
-    t: u64,
-    lr: f64,
-    q: &Coefficients,
-    semantics: Semantics,
-    mean_detached: &[f64],
-) -> f64 {
-    let config = MadaConfig { semantics, ..MadaConfig::default() };
+/// the constant Σ w_i x_{t−1,i}. With the running mean, `mean_detached` holds v̄_t fixed, as the
+/// official code does; the running maximum is differentiated through (nothing held fixed).
+fn one_step_loss(elems: &[Elem], t: u64, lr: f64, q: &Coefficients, variant: Variant, mean_detached: &[f64]) -> f64 {
+    let config = variant.config();
     let k = Scalars::<f64>::new(q, t, lr, &config);
     elems
         .iter()
         .zip(mean_detached)
         .map(|(e, &vm)| {
-            let u = if semantics == Semantics::Textbook {
-                element_update::<f64, true>(&k, e.g, e.m, e.v_old, e.v_mean, e.n, e.g_prev, e.lion_m, Some(vm)).u
-            } else {
-                element_update::<f64, false>(&k, e.g, e.m, e.v_old, e.v_mean, e.n, e.g_prev, e.lion_m, Some(vm)).u
+            let (g, m, v, vm_old, n, gp, lm) = (e.g, e.m, e.v_old, e.v_mean, e.n, e.g_prev, e.lion_m);
+            let u = match (variant.semantics, variant.running) {
+                (Semantics::Textbook, RunningMoment::Mean) => {
+                    element_update::<f64, true, false>(&k, g, m, v, vm_old, n, gp, lm, Some(vm)).u
+                }
+                (Semantics::OfficialCode, RunningMoment::Mean) => {
+                    element_update::<f64, false, false>(&k, g, m, v, vm_old, n, gp, lm, Some(vm)).u
+                }
+                (Semantics::Textbook, RunningMoment::Max) => {
+                    element_update::<f64, true, true>(&k, g, m, v, vm_old, n, gp, lm, None).u
+                }
+                (Semantics::OfficialCode, RunningMoment::Max) => {
+                    element_update::<f64, false, true>(&k, g, m, v, vm_old, n, gp, lm, None).u
+                }
             };
             e.w * (-lr * u)
         })
@@ -100,9 +121,9 @@ fn analytic_hypergradient(
     t: u64,
     lr: f64,
     q: Coefficients,
-    semantics: Semantics,
+    variant: Variant,
 ) -> ([f64; 6], Vec<f64>) {
-    let mut opt = optimizer_in_state(elems, t - 1, q, semantics);
+    let mut opt = optimizer_in_state(elems, t - 1, q, variant);
     let mut x = vec![0.0; elems.len()];
     let g: Vec<f64> = elems.iter().map(|e| e.g).collect();
     opt.update_tensor(0, &mut x, &g, lr).unwrap();
@@ -117,20 +138,27 @@ fn check_against_finite_differences(
     t: u64,
     lr: f64,
     q: Coefficients,
-    semantics: Semantics,
+    variant: Variant,
 ) -> Result<(), TestCaseError> {
-    // Keep away from the kink of s_t = sign(ĝ² − v_{t−1}) so the perturbation cannot cross it.
+    // Keep away from the kink of s_t = sign(ĝ² − v_{t−1}) so the perturbation cannot cross it,
+    // and (running maximum) from the kink where v_t crosses the old maximum.
     for e in elems {
         let ghat = e.g + q.beta3 * (e.g - e.g_prev);
         prop_assume!((ghat * ghat - e.v_old).abs() > 1e-2);
+        if matches!(variant.running, RunningMoment::Max) {
+            let s = (ghat * ghat - e.v_old).signum();
+            let gt2 = q.c * ghat * ghat + (1.0 - q.c) * (e.v_old + ghat * ghat * s);
+            let v = q.beta2 * e.v_old + (1.0 - q.beta2) * gt2;
+            prop_assume!((v - e.v_mean).abs() > 1e-3);
+        }
     }
-    let (h, v_mean_t) = analytic_hypergradient(elems, t, lr, q, semantics);
+    let (h, v_mean_t) = analytic_hypergradient(elems, t, lr, q, variant);
     let scale: f64 = lr * elems.iter().map(|e| e.w.abs()).sum::<f64>();
     for c in Coef::ALL {
         let phi = |x: f64| {
             let mut qq = q;
             qq.set(c, x);
-            one_step_loss(elems, t, lr, &qq, semantics, &v_mean_t)
+            one_step_loss(elems, t, lr, &qq, variant, &v_mean_t)
         };
         let fd = finite_difference(phi, q.get(c), 1e-4);
         let a = h[c.index()];
@@ -154,7 +182,7 @@ proptest! {
         lr in 1e-3..0.5f64,
         q in coefficients(),
     ) {
-        check_against_finite_differences(&elems, t, lr, q, Semantics::OfficialCode)?;
+        check_against_finite_differences(&elems, t, lr, q, OFFICIAL)?;
     }
 
     #[test]
@@ -164,7 +192,18 @@ proptest! {
         lr in 1e-3..0.5f64,
         q in coefficients(),
     ) {
-        check_against_finite_differences(&elems, t, lr, q, Semantics::Textbook)?;
+        check_against_finite_differences(&elems, t, lr, q, TEXTBOOK)?;
+    }
+
+    /// The running-maximum variant (claim 5), differentiated through the max.
+    #[test]
+    fn hypergradients_match_finite_differences_running_max(
+        elems in prop::collection::vec(elem(), 1..6),
+        t in 1u64..40,
+        lr in 1e-3..0.5f64,
+        q in coefficients(),
+    ) {
+        check_against_finite_differences(&elems, t, lr, q, OFFICIAL_MAX)?;
     }
 }
 
@@ -176,21 +215,21 @@ fn the_stop_gradient_on_the_mean_matters() {
     let elems = [Elem { g: 0.7, m: 0.1, v_old: 0.3, v_mean: 0.5, n: 0.05, g_prev: -0.2, lion_m: 0.1, w: 1.3 }];
     let q = Coefficients { beta1: 0.9, beta2: 0.95, beta3: 0.3, rho: 0.4, c: 0.7, gamma: 0.8 };
     let (t, lr) = (3, 0.1);
-    let (h, v_mean_t) = analytic_hypergradient(&elems, t, lr, q, Semantics::OfficialCode);
+    let (h, v_mean_t) = analytic_hypergradient(&elems, t, lr, q, OFFICIAL);
     let config = MadaConfig::default();
     let full = |x: f64| {
         let mut qq = q;
         qq.beta2 = x;
         let k = Scalars::<f64>::new(&qq, t, lr, &config);
         let e = elems[0];
-        e.w * (-lr * element_update::<f64, false>(&k, e.g, e.m, e.v_old, e.v_mean, e.n, e.g_prev, e.lion_m, None).u)
+        e.w * (-lr * element_update::<f64, false, false>(&k, e.g, e.m, e.v_old, e.v_mean, e.n, e.g_prev, e.lion_m, None).u)
     };
     let fd_full = finite_difference(full, q.beta2, 1e-4);
     let detached = finite_difference(
         |x| {
             let mut qq = q;
             qq.beta2 = x;
-            one_step_loss(&elems, t, lr, &qq, Semantics::OfficialCode, &v_mean_t)
+            one_step_loss(&elems, t, lr, &qq, OFFICIAL, &v_mean_t)
         },
         q.beta2,
         1e-4,
@@ -235,4 +274,30 @@ fn parallel_kernels_equal_the_single_threaded_run_bit_for_bit() {
     let (b, qb) = pool.install(run);
     assert_eq!(qa, qb);
     assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+}
+
+#[test]
+fn the_sign_and_the_max_derivative_share_a_byte() {
+    for sign in [-1.0f64, 0.0, 1.0] {
+        for chi in [0.0f64, 0.5, 1.0] {
+            let b = pack_sign_chi(sign, chi);
+            assert_eq!(unpack_sign_chi::<f64>(b), (sign, chi), "byte {b}");
+        }
+        // With the running mean the byte is the plain sign, as before the maximum existed.
+        assert_eq!(pack_sign_chi(sign, 0.0), sign_i8(sign));
+    }
+}
+
+/// At a tie of v_t with the old maximum, the derivative through the max is ½ (torch.maximum):
+/// the β2-hyper-gradient lies half-way between the two one-sided derivatives.
+#[test]
+fn a_tie_of_the_running_max_takes_half_the_derivative() {
+    let q = Coefficients { beta1: 0.9, beta2: 0.95, beta3: 0.0, rho: 0.3, c: 1.0, gamma: 1.0 };
+    let (t, lr) = (3, 0.1);
+    let base = Elem { g: 0.8, m: 0.1, v_old: 0.3, v_mean: 0.0, n: 0.0, g_prev: 0.2, lion_m: 0.1, w: 1.3 };
+    let v_t = q.beta2 * base.v_old + (1.0 - q.beta2) * base.g * base.g;
+    let h = |v_max_old: f64| analytic_hypergradient(&[Elem { v_mean: v_max_old, ..base }], t, lr, q, OFFICIAL_MAX).0;
+    let (tie, below, above) = (h(v_t), h(v_t * (1.0 - 1e-12)), h(v_t * (1.0 + 1e-12)));
+    assert!((tie[1] - 0.5 * (below[1] + above[1])).abs() < 1e-9 * tie[1].abs(), "{tie:?} {below:?} {above:?}");
+    assert!((below[1] - above[1]).abs() > 1e-3 * below[1].abs());
 }

@@ -62,16 +62,38 @@ impl HyperConfig {
         s
     }
 
-    /// The `train_ddp.py` (GPT-2) setting: lr (5e-4, 5e-4, 0.1, 0.1, 0.1, 0.1), no momentum,
-    /// clip 10, 50 updates of warm-up.
-    pub const fn official_gpt2() -> Self {
-        Self { clip: Some(10.0), warmup: 50, ..Self::mada([5e-4, 5e-4, 0.1, 0.1, 0.1, 0.1]) }
+    /// One of the official scripts' hyper-optimizers (digest §5.3) — the one definition the
+    /// experiment catalog refers to by name (`hyper = { preset = "train_ddp" }`).
+    pub const fn official(preset: OfficialHyper) -> Self {
+        match preset {
+            // lr (5e-4, 5e-4, 0.1, 0.1, 0.1, 0.1), no momentum, clip 10, `hypergrad_init_iter`
+            // = 250 micro-steps = 50 updates of warm-up.
+            OfficialHyper::TrainDdp => {
+                Self { clip: Some(10.0), warmup: 50, ..Self::mada([5e-4, 5e-4, 0.1, 0.1, 0.1, 0.1]) }
+            }
+            // lr 2.5e-3 for all six, momentum 0.5 except γ (0), clip 10, no warm-up.
+            OfficialHyper::TrainPy => {
+                Self { momentum: [0.5, 0.5, 0.5, 0.5, 0.5, 0.0], clip: Some(10.0), ..Self::mada([2.5e-3; 6]) }
+            }
+            // β3, ρ, c learned with lr 0.1 and momentum 0.9 (the β1/β2 gradients are zeroed and
+            // γ has hyper-lr 0), no clipping.
+            OfficialHyper::AmsgradToy => Self {
+                lr: [0.0, 0.0, 0.1, 0.1, 0.1, 0.0],
+                learned: [false, false, true, true, true, false],
+                momentum: [0.0, 0.0, 0.9, 0.9, 0.9, 0.0],
+                ..Self::frozen()
+            },
+        }
     }
 
-    /// The `train.py` (Shakespeare grid) setting: lr 2.5e-3 for all, momentum 0.5 except γ (0),
-    /// clip 10, no warm-up.
+    /// The `train_ddp.py` (GPT-2) setting, [`OfficialHyper::TrainDdp`].
+    pub const fn official_gpt2() -> Self {
+        Self::official(OfficialHyper::TrainDdp)
+    }
+
+    /// The `train.py` (Shakespeare grid) setting, [`OfficialHyper::TrainPy`].
     pub const fn official_shakespeare() -> Self {
-        Self { momentum: [0.5, 0.5, 0.5, 0.5, 0.5, 0.0], clip: Some(10.0), ..Self::mada([2.5e-3; 6]) }
+        Self::official(OfficialHyper::TrainPy)
     }
 
     /// With heavy-ball momentum μ per coefficient.
@@ -127,6 +149,18 @@ impl Default for HyperConfig {
     fn default() -> Self {
         Self::frozen()
     }
+}
+
+/// The hyper-optimizers of the official scripts (digest §5.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OfficialHyper {
+    /// `train_ddp.py` (GPT-2 on OpenWebText, 8 GPUs).
+    TrainDdp,
+    /// `train.py` (the Shakespeare-char grid, one GPU).
+    TrainPy,
+    /// `amsgrad_toy.py` (the Reddi counterexample).
+    AmsgradToy,
 }
 
 /// What one hyper-step did.

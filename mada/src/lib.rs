@@ -42,8 +42,8 @@ pub use baselines::{
 };
 pub use coefficients::{Coef, CoefficientBox, Coefficients};
 pub use error::OptimError;
-pub use family::{Mada, MadaConfig, MadaStepInfo, MadaTensorState, Semantics};
+pub use family::{Mada, MadaConfig, MadaStepInfo, MadaTensorState, RunningMoment, Semantics};
 pub use float::Float;
-pub use hyper::{HyperConfig, HyperStep};
+pub use hyper::{HyperConfig, HyperStep, OfficialHyper};
 pub use optimizer::Optimizer;
 pub use spec::{AnyOptimizer, HyperSpec, MadaSpec, OptimizerSpec};

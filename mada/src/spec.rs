@@ -10,9 +10,10 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::baselines::{AdamConfig, AdanConfig, LionConfig, SgdConfig, YogiConfig};
+use crate::hyper::OfficialHyper;
 use crate::{
     Adam, Adan, AmsGrad, AvGrad, Coef, Coefficients, Float, HyperConfig, Lion, Mada, MadaConfig, OptimError, Optimizer,
-    Semantics, Sgd, Yogi,
+    RunningMoment, Semantics, Sgd, Yogi,
 };
 
 /// Which optimizer, with its settings (the learning rate is not part of it: it is a schedule).
@@ -61,6 +62,14 @@ pub struct MadaSpec {
     /// The hyper-optimizer (default: nothing learned).
     #[serde(default)]
     pub hyper: HyperSpec,
+    /// What ρ interpolates v_t with: `mean` (AVGrad; default, the official code) or `max`
+    /// (AMSGrad's running maximum).
+    #[serde(default, skip_serializing_if = "is_mean")]
+    pub running: RunningMoment,
+}
+
+fn is_mean(r: &RunningMoment) -> bool {
+    *r == RunningMoment::Mean
 }
 
 fn default_mada_eps() -> f64 {
@@ -68,8 +77,14 @@ fn default_mada_eps() -> f64 {
 }
 
 /// The hyper-optimizer as data: a coefficient is learned iff it has a hyper-learning-rate.
+///
+/// It is written with explicit values, and can be read from an official preset instead:
+/// `{"preset": "train_py"}` is `train.py`'s hyper-optimizer ([`OfficialHyper`]); beside
+/// `preset`, `learn = ["beta1", "beta2"]` keeps only those coefficients learned (HyperAdam),
+/// `lr_scale` multiplies every hyper-learning-rate, and any explicit key (`lr`, `momentum`,
+/// `clip`, `start`, `monitor`) overrides the preset's value for what it names.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(try_from = "RawHyperSpec")]
 pub struct HyperSpec {
     /// Hyper-learning-rate per learned coefficient.
     pub lr: BTreeMap<Coef, f64>,
@@ -83,7 +98,68 @@ pub struct HyperSpec {
     pub monitor: bool,
 }
 
+/// [`HyperSpec`] as written: explicit values, an official preset, or a preset with changes.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHyperSpec {
+    preset: Option<OfficialHyper>,
+    learn: Option<Vec<Coef>>,
+    lr_scale: Option<f64>,
+    lr: Option<BTreeMap<Coef, f64>>,
+    momentum: Option<BTreeMap<Coef, f64>>,
+    clip: Option<f64>,
+    start: Option<u64>,
+    monitor: Option<bool>,
+}
+
+impl TryFrom<RawHyperSpec> for HyperSpec {
+    type Error = String;
+
+    fn try_from(raw: RawHyperSpec) -> Result<Self, String> {
+        if raw.preset.is_none() && (raw.learn.is_some() || raw.lr_scale.is_some()) {
+            return Err("`learn` and `lr_scale` change a `preset`; give one".into());
+        }
+        let mut spec = raw.preset.map(|p| HyperSpec::from_config(&HyperConfig::official(p))).unwrap_or_default();
+        if let Some(learn) = &raw.learn {
+            spec.lr.retain(|c, _| learn.contains(c));
+            spec.momentum.retain(|c, _| learn.contains(c));
+            if let Some(c) = learn.iter().find(|c| !spec.lr.contains_key(c)) {
+                return Err(format!("`learn` names {c}, which the preset does not learn"));
+            }
+        }
+        if let Some(scale) = raw.lr_scale {
+            if !(scale.is_finite() && scale >= 0.0) {
+                return Err(format!("lr_scale = {scale} must be a finite non-negative number"));
+            }
+            spec.lr.values_mut().for_each(|lr| *lr *= scale);
+        }
+        spec.lr.extend(raw.lr.unwrap_or_default());
+        spec.momentum.extend(raw.momentum.unwrap_or_default());
+        spec.clip = raw.clip.or(spec.clip);
+        spec.start = raw.start.unwrap_or(spec.start);
+        spec.monitor = raw.monitor.unwrap_or(spec.monitor);
+        Ok(spec)
+    }
+}
+
 impl HyperSpec {
+    /// The data form of hyper-optimizer settings (a coefficient with a zero momentum is written
+    /// without one).
+    pub fn from_config(c: &HyperConfig) -> Self {
+        let mut lr = BTreeMap::new();
+        let mut momentum = BTreeMap::new();
+        for coef in Coef::ALL {
+            let i = coef.index();
+            if c.learned[i] {
+                lr.insert(coef, c.lr[i]);
+                if c.momentum[i] != 0.0 {
+                    momentum.insert(coef, c.momentum[i]);
+                }
+            }
+        }
+        Self { lr, momentum, clip: c.clip, start: c.warmup, monitor: c.monitor }
+    }
+
     /// The hyper-optimizer settings; errors if a momentum is given for a coefficient that is
     /// not learned.
     pub fn to_config(&self) -> Result<HyperConfig, OptimError> {
@@ -110,7 +186,7 @@ impl HyperSpec {
 impl MadaSpec {
     /// The optimizer this spec describes.
     pub fn build<T: Float>(&self) -> Result<Mada<T>, OptimError> {
-        let config = MadaConfig { eps: self.eps, semantics: self.semantics, ..MadaConfig::default() };
+        let config = MadaConfig { eps: self.eps, semantics: self.semantics, running: self.running, ..MadaConfig::default() };
         Mada::new(config, self.hyper.to_config()?, self.coefficients)
     }
 }
@@ -247,6 +323,34 @@ mod tests {
         .unwrap();
         let e = AnyOptimizer::<f64>::from_spec(&s).unwrap_err().to_string();
         assert!(e.contains("beta2") && e.contains("0.4"), "{e}");
+    }
+
+    #[test]
+    fn presets_are_the_official_settings_and_can_be_changed() {
+        let read = |json: &str| serde_json::from_str::<HyperSpec>(json).unwrap().to_config().unwrap();
+        assert_eq!(read(r#"{"preset": "train_ddp"}"#), HyperConfig::official_gpt2());
+        assert_eq!(read(r#"{"preset": "train_py"}"#), HyperConfig::official_shakespeare());
+        // HyperAdam from train.py's optimizer: only β1 and β2, with their lr and momentum.
+        let h = read(r#"{"preset": "train_py", "learn": ["beta1", "beta2"]}"#);
+        assert_eq!(h.learned, [true, true, false, false, false, false]);
+        assert_eq!((h.lr[1], h.momentum[1], h.clip), (2.5e-3, 0.5, Some(10.0)));
+        // A sensitivity run: every hyper-lr ×10, the warm-up overridden.
+        let h = read(r#"{"preset": "train_ddp", "lr_scale": 10, "start": 3}"#);
+        assert!((h.lr[2] - 1.0).abs() < 1e-15 && (h.lr[0] - 5e-3).abs() < 1e-15 && h.warmup == 3);
+        // Written back, a preset is its explicit values.
+        let spec: HyperSpec = serde_json::from_str(r#"{"preset": "train_py"}"#).unwrap();
+        let again: HyperSpec = serde_json::from_str(&serde_json::to_string(&spec).unwrap()).unwrap();
+        assert_eq!(spec, again);
+        for (bad, needle) in [
+            (r#"{"preset": "train_jax"}"#, "train_jax"),
+            (r#"{"preset": "train_py", "learn": ["beta4"]}"#, "beta4"),
+            (r#"{"learn": ["beta1"]}"#, "preset"),
+            (r#"{"preset": "amsgrad_toy", "learn": ["gamma"]}"#, "gamma"),
+            (r#"{"preset": "train_py", "lr_scal": 2}"#, "lr_scal"),
+        ] {
+            let e = serde_json::from_str::<HyperSpec>(bad).unwrap_err().to_string();
+            assert!(e.contains(needle), "{bad}: {e}");
+        }
     }
 
     #[test]

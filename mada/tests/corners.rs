@@ -3,8 +3,8 @@
 
 use mada::baselines::{AdamConfig, LionConfig, YogiConfig};
 use mada::{
-    Adam, AnyOptimizer, AvGrad, Coefficients, HyperConfig, Lion, Mada, MadaConfig, Optimizer, OptimizerSpec, Semantics,
-    Yogi,
+    Adam, AmsGrad, AnyOptimizer, AvGrad, Coefficients, HyperConfig, Lion, Mada, MadaConfig, Optimizer, OptimizerSpec,
+    RunningMoment, Semantics, Yogi,
 };
 
 /// A nonconvex, non-separable test gradient: ∇ of Σ (x_i² − 1)²/4 + 0.3·x_i·x_{i+1} + a drift
@@ -67,6 +67,23 @@ fn rho_zero_is_avgrad() {
     let mut adam = Adam::<f64>::new(cfg).unwrap();
     let mut avgrad = AvGrad::<f64>::new(cfg).unwrap();
     assert!(max_trajectory_gap(&mut adam, &mut avgrad, 200, 1e-2) > 1e-3);
+}
+
+#[test]
+fn rho_zero_with_the_running_max_is_amsgrad() {
+    let cfg = AdamConfig { beta1: 0.9, beta2: 0.99, eps: 1e-8, ..AdamConfig::default() };
+    let mut amsgrad = AmsGrad::<f64>::new(cfg).unwrap();
+    let config = MadaConfig { eps: 1e-8, running: RunningMoment::Max, ..MadaConfig::default() };
+    let mut mada = Mada::new(config, HyperConfig::frozen(), Coefficients::avgrad(0.9, 0.99)).unwrap();
+    let gap = max_trajectory_gap(&mut mada, &mut amsgrad, 200, 1e-2);
+    assert!(gap < 1e-11, "gap {gap:e}");
+    // ... AMSGrad differs from AVGrad here, and ρ = 1 with the maximum is still Adam.
+    let mut avgrad = AvGrad::<f64>::new(cfg).unwrap();
+    let mut amsgrad = AmsGrad::<f64>::new(cfg).unwrap();
+    assert!(max_trajectory_gap(&mut avgrad, &mut amsgrad, 200, 1e-2) > 1e-3);
+    let mut adam = Adam::<f64>::new(cfg).unwrap();
+    let mut mada = Mada::new(config, HyperConfig::frozen(), Coefficients::adam(0.9, 0.99)).unwrap();
+    assert!(max_trajectory_gap(&mut mada, &mut adam, 200, 1e-2) < 1e-11);
 }
 
 #[test]

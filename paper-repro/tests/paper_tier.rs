@@ -15,7 +15,7 @@ fn every_paper_tier_spec_resolves_and_a_gpt2_124m_step_runs_on_the_cpu() {
     let mut total = 0;
     let mut gpt2 = None;
     for e in &experiments {
-        let runs = e.plan("paper", Path::new("runs")).unwrap();
+        let runs = e.plan(catalog::Tier::Paper, Path::new("runs")).unwrap();
         total += runs.len();
         if e.artifact == "gpt2-124m" {
             gpt2 = runs.into_iter().find(|r| r.key == "mada");
@@ -33,12 +33,13 @@ fn every_paper_tier_spec_resolves_and_a_gpt2_124m_step_runs_on_the_cpu() {
     let Task::Lm { data, model, .. } = &mut spec.task else { panic!() };
     *data = TextData { dir: dir.path().to_path_buf() };
     model.block_size = 32;
-    spec.device = "cpu".into();
+    spec.device = paper_repro::run::spec::DeviceKind::Cpu;
     spec.batch_size = 1;
     spec.grad_accum = 2;
+    spec.ranks = 2;
     let mut tr = Trainer::new(&spec).unwrap();
     let a = tr.step(0).unwrap();
     let b = tr.step(1).unwrap();
     assert!(a.loss.is_finite() && (a.loss - 50304f64.ln()).abs() < 1.0, "initial loss {}", a.loss);
-    assert!(b.hypergradient.iter().all(|h| h.is_finite()), "MADA's hyper-gradient at the second update");
+    assert!(b.hyper.gradient.iter().all(|h| h.is_finite()), "MADA's hyper-gradient at the second update");
 }

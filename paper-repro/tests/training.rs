@@ -10,8 +10,9 @@ use paper_repro::data::text::{prepare, Tokenizer};
 use paper_repro::data::vision::{write_idx_pair, VisionData};
 use paper_repro::models::gpt::GptConfig;
 use paper_repro::models::vision::VisionModelConfig;
-use paper_repro::run::spec::{RunSpec, Schedule, Task, TextData};
-use paper_repro::run::train;
+use paper_repro::run::spec::{ClipMode, DeviceKind, Precision, RunSpec, Schedule, Task, TextData};
+use paper_repro::run::log::{read_rows, LogRow};
+use paper_repro::run::{Outcome, RunResult, Start, TrainOptions};
 
 fn corpus(dir: &Path) {
     let text: String = (0..300).map(|i| format!("to be or not to be {} that is the question. ", i % 7)).collect();
@@ -47,8 +48,22 @@ fn lm_spec(data: &Path, optimizer: &str, updates: u64) -> RunSpec {
         seed: 5,
         eval_interval: 4,
         checkpoint_interval: 3,
-        device: "cpu".into(),
+        device: DeviceKind::Cpu,
+        ranks: 1,
+        clip_mode: ClipMode::Global,
+        precision: Precision::Fp32,
     }
+}
+
+/// Train (or continue) a run; `pause_after` stops early. None when paused.
+fn train(spec: &RunSpec, dir: &Path, pause_after: Option<u64>) -> anyhow::Result<Option<RunResult>> {
+    let bar = ProgressBar::hidden();
+    let mut opts = TrainOptions::new(Start::Auto, &bar);
+    opts.pause_after = pause_after;
+    Ok(match paper_repro::run::train(spec, dir, &opts)? {
+        Outcome::Finished(r) => Some(*r),
+        Outcome::Paused { .. } => None,
+    })
 }
 
 const MADA: &str = r#"{"name": "mada", "eps": 1e-6,
@@ -60,18 +75,19 @@ fn a_tiny_gpt_learns_and_mada_coefficients_move() {
     let dir = tempfile::tempdir().unwrap();
     corpus(&dir.path().join("data"));
     let spec = lm_spec(&dir.path().join("data"), MADA, 12);
-    let r = train(&spec, &dir.path().join("run"), &ProgressBar::hidden(), None).unwrap().unwrap();
-    let log = std::fs::read_to_string(dir.path().join("run/log.csv")).unwrap();
-    let rows: Vec<Vec<f64>> = log.lines().skip(1).map(|l| l.split(',').map(|c| c.parse().unwrap()).collect()).collect();
+    let r = train(&spec, &dir.path().join("run"), None).unwrap().unwrap();
+    let rows: Vec<LogRow> = read_rows(&dir.path().join("run/log.csv")).unwrap();
     assert_eq!(rows.len(), 12);
-    assert!(rows[11][2] < rows[0][2], "loss {} → {}", rows[0][2], rows[11][2]);
+    assert!(rows[11].loss < rows[0].loss, "loss {} → {}", rows[0].loss, rows[11].loss);
     let q = r.final_coefficients.unwrap();
     assert_ne!(q, [0.9, 0.95, 0.0, 0.0, 1.0, 1.0], "the coefficients were learned");
-    // No hyper-gradient at the first update, one from the second on.
-    assert!(rows[0][10].is_nan() && rows[5][10].is_finite());
+    // No hyper-gradient at the first update, one from the second on; the hyper-step is logged.
+    assert!(rows[0].hyper.gradient[0].is_nan() && rows[5].hyper.gradient[0].is_finite());
+    assert!(rows[5].hyper.step.iter().any(|d| *d != 0.0) && rows[5].hyper.clipped[3].is_some());
+    assert_eq!(rows[5].coefficients[3], rows[4].coefficients[3] + rows[5].hyper.step[3]);
     assert!(r.final_eval_loss.is_finite() && r.best_eval_loss <= r.final_eval_loss);
     // Finished runs are not trained again.
-    let again = train(&spec, &dir.path().join("run"), &ProgressBar::hidden(), None).unwrap().unwrap();
+    let again = train(&spec, &dir.path().join("run"), None).unwrap().unwrap();
     assert_eq!(again.spec_id, r.spec_id);
 }
 
@@ -80,11 +96,11 @@ fn a_paused_run_resumes_bit_identically() {
     let dir = tempfile::tempdir().unwrap();
     corpus(&dir.path().join("data"));
     let spec = lm_spec(&dir.path().join("data"), MADA, 9);
-    train(&spec, &dir.path().join("straight"), &ProgressBar::hidden(), None).unwrap().unwrap();
+    train(&spec, &dir.path().join("straight"), None).unwrap().unwrap();
     // Pause after 4 updates (checkpoint at 4), then again after 2 more, then finish.
-    assert!(train(&spec, &dir.path().join("paused"), &ProgressBar::hidden(), Some(4)).unwrap().is_none());
-    assert!(train(&spec, &dir.path().join("paused"), &ProgressBar::hidden(), Some(2)).unwrap().is_none());
-    train(&spec, &dir.path().join("paused"), &ProgressBar::hidden(), None).unwrap().unwrap();
+    assert!(train(&spec, &dir.path().join("paused"), Some(4)).unwrap().is_none());
+    assert!(train(&spec, &dir.path().join("paused"), Some(2)).unwrap().is_none());
+    train(&spec, &dir.path().join("paused"), None).unwrap().unwrap();
     for f in ["checkpoint/model.safetensors", "checkpoint/optimizer.bin"] {
         let a = std::fs::read(dir.path().join("straight").join(f)).unwrap();
         let b = std::fs::read(dir.path().join("paused").join(f)).unwrap();
@@ -95,7 +111,7 @@ fn a_paused_run_resumes_bit_identically() {
         std::fs::read_to_string(p)
             .unwrap()
             .lines()
-            .map(|l| l.split(',').take(16).collect::<Vec<_>>().join(","))
+            .map(|l| l.rsplitn(3, ',').nth(2).unwrap().to_string())
             .collect()
     };
     assert_eq!(strip(&dir.path().join("straight/log.csv")), strip(&dir.path().join("paused/log.csv")));
@@ -113,7 +129,7 @@ fn nan_stops_the_run_naming_the_update_and_keeps_the_last_good_checkpoint() {
     spec.grad_clip = 0.0;
     spec.schedule = Schedule { lr: 1e3, min_lr: 1e3, warmup: 0, decay_until: 0, in_micro_steps: false };
     spec.checkpoint_interval = 1;
-    let e = format!("{:#}", train(&spec, &dir.path().join("run"), &ProgressBar::hidden(), None).unwrap_err());
+    let e = format!("{:#}", train(&spec, &dir.path().join("run"), None).unwrap_err());
     assert!(e.contains("update") && (e.contains("NaN") || e.contains("inf") || e.contains("not finite")), "{e}");
     let failed = std::fs::read_to_string(dir.path().join("run/failed.json")).unwrap();
     assert!(failed.contains("update"));
@@ -154,9 +170,12 @@ fn vision_runs_on_idx_files_and_report_accuracy() {
         seed: 1,
         eval_interval: 4,
         checkpoint_interval: 8,
-        device: "cpu".into(),
+        device: DeviceKind::Cpu,
+        ranks: 1,
+        clip_mode: ClipMode::Global,
+        precision: Precision::Fp32,
     };
-    let r = train(&spec, &dir.path().join("run"), &ProgressBar::hidden(), None).unwrap().unwrap();
+    let r = train(&spec, &dir.path().join("run"), None).unwrap().unwrap();
     assert!(r.final_eval_accuracy > 0.9, "accuracy {}", r.final_eval_accuracy);
     let eval = std::fs::read_to_string(dir.path().join("run/eval.csv")).unwrap();
     assert_eq!(eval.lines().count(), 5);
@@ -167,7 +186,7 @@ fn a_spec_with_a_bad_setting_is_refused_before_training() {
     let dir = tempfile::tempdir().unwrap();
     corpus(&dir.path().join("data"));
     let mut spec = lm_spec(&dir.path().join("data"), r#"{"name": "adam", "beta1": 1.5}"#, 3);
-    let e = format!("{:#}", train(&spec, &dir.path().join("run"), &ProgressBar::hidden(), None).unwrap_err());
+    let e = format!("{:#}", train(&spec, &dir.path().join("run"), None).unwrap_err());
     assert!(e.contains("beta1"), "{e}");
     spec.optimizer = serde_json::from_str(r#"{"name": "adam"}"#).unwrap();
     spec.task = Task::Lm {
@@ -186,6 +205,6 @@ fn a_spec_with_a_bad_setting_is_refused_before_training() {
         eval_chunks: 2,
         eval_batch: 2,
     };
-    let e = format!("{:#}", train(&spec, &dir.path().join("run2"), &ProgressBar::hidden(), None).unwrap_err());
+    let e = format!("{:#}", train(&spec, &dir.path().join("run2"), None).unwrap_err());
     assert!(e.contains("missing/train.bin"), "{e}");
 }

@@ -7,9 +7,12 @@
 //! sits inside `analysis/` because the workspace's top level is fixed by its design card.
 //!
 //! - [`atomic`]: a file is replaced whole or not at all ([`write_atomically`]).
+//! - [`lock`]: one writer per folder ([`FolderLock`]).
 //! - [`plot`]: line charts and heat maps as SVG and PNG.
 
 pub mod atomic;
+pub mod lock;
 pub mod plot;
 
-pub use atomic::write_atomically;
+pub use atomic::{remove_stale_temporaries, write_atomically};
+pub use lock::FolderLock;

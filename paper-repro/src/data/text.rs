@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use outputs::write_atomically;
 
+use crate::run::workload::MicroBatch;
+
 /// The GPT-2 end-of-text token.
 pub const EOT: u32 = 50256;
 
@@ -32,6 +34,14 @@ impl Vocab {
         match self {
             Vocab::Char { chars } => chars.len(),
             Vocab::Bpe => 50257,
+        }
+    }
+
+    /// "char-level, 92 symbols" or "GPT-2 BPE".
+    pub fn describe(&self) -> String {
+        match self {
+            Vocab::Char { chars } => format!("char-level, {} symbols", chars.len()),
+            Vocab::Bpe => "GPT-2 BPE".into(),
         }
     }
 
@@ -109,6 +119,8 @@ impl TokenFile {
 pub struct Corpus {
     pub dir: PathBuf,
     pub meta: Meta,
+    /// Whether `meta` was read from `meta.json` (else GPT-2 BPE was assumed).
+    pub meta_file: bool,
     pub train: TokenFile,
     pub val: TokenFile,
 }
@@ -120,7 +132,8 @@ impl Corpus {
         let train = TokenFile::open(&dir.join("train.bin"))?;
         let val = TokenFile::open(&dir.join("val.bin"))?;
         let meta_path = dir.join("meta.json");
-        let meta = if meta_path.exists() {
+        let meta_file = meta_path.exists();
+        let meta = if meta_file {
             let text =
                 std::fs::read_to_string(&meta_path).with_context(|| format!("cannot read {}", meta_path.display()))?;
             serde_json::from_str(&text).with_context(|| format!("invalid {}", meta_path.display()))?
@@ -144,29 +157,37 @@ impl Corpus {
                 );
             }
         }
-        Ok(Self { dir: dir.to_path_buf(), meta, train, val })
+        Ok(Self { dir: dir.to_path_buf(), meta, meta_file, train, val })
     }
 
-    /// A random training batch (x, y) of `batch` windows of `block` tokens; the windows of
-    /// (seed, step, micro) are always the same, so a resumed run sees the same data.
-    pub fn train_batch(
-        &self,
-        batch: usize,
-        block: usize,
-        seed: u64,
-        step: u64,
-        micro: u64,
-        device: &Device,
-    ) -> Result<(Tensor, Tensor)> {
-        let f = &self.train;
-        if f.len() <= block + 1 {
-            bail!("{} has {} tokens, fewer than block_size + 1 = {}", f.path().display(), f.len(), block + 1);
+    /// The window starts of a training micro-batch: `batch` uniform draws from rank `rank`'s
+    /// contiguous 1/`ranks` shard of `train.bin` (as `train_ddp.py` gives each of its 8 ranks an
+    /// eighth), seeded by (seed, update, rank, micro-batch), so a resumed run sees the same data
+    /// and one rank's data does not depend on how many processes compute the others. With one
+    /// rank the shard is the whole file.
+    pub fn train_starts(&self, batch: usize, block: usize, seed: u64, mb: MicroBatch) -> Vec<usize> {
+        let len = self.train.len();
+        let (lo, hi) = (mb.rank as usize * len / mb.ranks as usize, (mb.rank as usize + 1) * len / mb.ranks as usize);
+        let mixed = seed
+            ^ mb.step.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ mb.local.wrapping_mul(0xD1B5_4A32_D192_ED03)
+            ^ mb.rank.wrapping_mul(0x8CB9_2BA7_2F3D_8DD7);
+        let mut rng = StdRng::seed_from_u64(mixed);
+        (0..batch).map(|_| lo + rng.random_range(0..hi - lo - block - 1)).collect()
+    }
+
+    /// The training windows starting at `starts` as (x, y), y shifted by one token.
+    pub fn train_windows(&self, starts: &[usize], block: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+        windows(&self.train, starts, block, device)
+    }
+
+    /// Where the vocabulary comes from, for messages.
+    pub fn vocab_source(&self) -> String {
+        if self.meta_file {
+            format!("{} from its meta.json", self.meta.vocab.describe())
+        } else {
+            "GPT-2 BPE assumed: the folder has no meta.json".into()
         }
-        let mut rng = StdRng::seed_from_u64(
-            seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ micro.wrapping_mul(0xD1B5_4A32_D192_ED03),
-        );
-        let starts: Vec<usize> = (0..batch).map(|_| rng.random_range(0..f.len() - block - 1)).collect();
-        windows(f, &starts, block, device)
     }
 
     /// The deterministic validation batches of the official code: `count` contiguous chunks of
@@ -215,10 +236,21 @@ fn write_tokens(path: &Path, tokens: &[u32]) -> Result<()> {
 }
 
 /// Tokenization of `prepare`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Tokenizer {
+    /// The text's own characters, sorted.
     Char,
+    /// A fixed alphabet — newline and printable ASCII (96 symbols) — shared by every corpus
+    /// prepared with it (pretraining on one, fine-tuning on another); other characters are
+    /// dropped.
+    Ascii,
+    /// GPT-2 BPE (tiktoken r50k_base).
     Bpe,
+}
+
+/// The [`Tokenizer::Ascii`] alphabet.
+pub fn ascii_alphabet() -> Vec<char> {
+    std::iter::once('\n').chain((32u8..=126).map(char::from)).collect()
 }
 
 /// Tokenize documents and write `out/{train,val}.bin` + `meta.json`.
@@ -238,6 +270,16 @@ pub fn prepare(documents: &[String], tokenizer: Tokenizer, out: &Path, source: &
             }
             let index = |c: char| chars.binary_search(&c).expect("in vocabulary") as u32;
             let tokens: Vec<u32> = text.chars().map(index).collect();
+            let cut = tokens.len() * 9 / 10;
+            (tokens[..cut].to_vec(), tokens[cut..].to_vec(), Vocab::Char { chars })
+        }
+        Tokenizer::Ascii => {
+            let chars = ascii_alphabet();
+            let text: String = documents.join("\n\n");
+            let tokens: Vec<u32> = text.chars().filter_map(|c| chars.binary_search(&c).ok().map(|i| i as u32)).collect();
+            if tokens.len() < 2 {
+                bail!("no ASCII text to prepare");
+            }
             let cut = tokens.len() * 9 / 10;
             (tokens[..cut].to_vec(), tokens[cut..].to_vec(), Vocab::Char { chars })
         }
@@ -286,15 +328,35 @@ mod tests {
         let all: Vec<u32> =
             (0..c.train.len()).map(|i| c.train.token(i)).chain((0..c.val.len()).map(|i| c.val.token(i))).collect();
         assert_eq!(meta.vocab.decode(&all).unwrap(), text);
-        let (x1, y1) = c.train_batch(4, 16, 7, 3, 0, &Device::Cpu).unwrap();
-        let (x2, _) = c.train_batch(4, 16, 7, 3, 0, &Device::Cpu).unwrap();
+        let mb = MicroBatch { step: 3, rank: 0, ranks: 1, local: 0 };
+        let starts = c.train_starts(4, 16, 7, mb);
+        let (x1, y1) = c.train_windows(&starts, 16, &Device::Cpu).unwrap();
+        let (x2, _) = c.train_windows(&c.train_starts(4, 16, 7, mb), 16, &Device::Cpu).unwrap();
         assert_eq!(x1.to_vec2::<u32>().unwrap(), x2.to_vec2::<u32>().unwrap());
         // y is x shifted by one.
         let (x, y) = (x1.to_vec2::<u32>().unwrap(), y1.to_vec2::<u32>().unwrap());
         assert_eq!(x[0][1..], y[0][..15]);
+        // Rank r of 3 draws from its own third of train.bin.
+        for rank in 0..3 {
+            let third = c.train.len() / 3;
+            let s = c.train_starts(50, 8, 7, MicroBatch { step: 3, rank, ranks: 3, local: 1 });
+            assert!(s.iter().all(|&x| x >= rank as usize * third && x + 9 <= (rank as usize + 1) * third), "{s:?}");
+        }
         let vb = c.val_batches(3, 8, 4).unwrap();
         assert_eq!(vb.len(), 3);
         assert!(vb.iter().flatten().all(|s| s + 8 < c.val.len()));
+    }
+
+    #[test]
+    fn ascii_corpora_share_one_alphabet_and_drop_the_rest() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let ma = prepare(&["Wikipedia — naïve café\n".repeat(30)], Tokenizer::Ascii, a.path(), "t").unwrap();
+        let mb = prepare(&["To be, or not to be.\n".repeat(30)], Tokenizer::Ascii, b.path(), "t").unwrap();
+        assert_eq!(ma.vocab, mb.vocab);
+        assert_eq!(ma.vocab.size(), 96);
+        let c = Corpus::open(a.path()).unwrap();
+        let text = c.meta.vocab.decode(&(0..20).map(|i| c.train.token(i)).collect::<Vec<_>>()).unwrap();
+        assert_eq!(text, "Wikipedia  nave caf\n");
     }
 
     #[test]

@@ -191,6 +191,9 @@ pub fn load_idx_split(dir: &Path, split: &str) -> Result<ImageSet> {
     if idims.len() != 3 {
         bail!("{} is not a 3-D image file (dims {idims:?})", img.display());
     }
+    if idims[0] == 0 || idims[1] == 0 || idims[2] == 0 {
+        bail!("{} holds no images (dims {idims:?})", img.display());
+    }
     if ldims.len() != 1 || ldims[0] != idims[0] {
         bail!("{} has {:?} labels for {} images in {}", lab.display(), ldims, idims[0], img.display());
     }

@@ -9,6 +9,7 @@ use candle_core::{Device, Module, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::models::nn::{LayerNorm, Linear, ParamStore};
+use crate::models::ops;
 
 /// A GPT configuration, as data.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -58,14 +59,25 @@ impl GptConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
+        for (key, v) in [
+            ("block_size", self.block_size),
+            ("vocab_size", self.vocab_size),
+            ("n_layer", self.n_layer),
+            ("n_head", self.n_head),
+            ("n_embd", self.n_embd),
+        ] {
+            if v == 0 {
+                bail!("{key} must be positive");
+            }
+        }
+        if self.vocab_size > 1 << 24 || self.block_size > 1 << 24 || self.n_embd > 1 << 16 || self.n_layer > 1 << 12 {
+            bail!("the model is larger than any this project can allocate: {self:?}");
+        }
         if !self.n_embd.is_multiple_of(self.n_head) {
             bail!("n_embd = {} is not divisible by n_head = {}", self.n_embd, self.n_head);
         }
         if !(0.0..1.0).contains(&self.dropout) {
             bail!("dropout = {} must lie in [0, 1)", self.dropout);
-        }
-        if self.block_size == 0 || self.vocab_size == 0 || self.n_layer == 0 {
-            bail!("block_size, vocab_size and n_layer must be positive");
         }
         Ok(())
     }
@@ -88,9 +100,8 @@ pub struct Gpt {
     wpe: candle_core::Var,
     blocks: Vec<Block>,
     ln_f: LayerNorm,
-    /// Additive causal mask (0 on and below the diagonal, −∞ above), block × block.
-    mask: Tensor,
 }
+
 
 impl Gpt {
     /// A freshly initialized model (nanoGPT: N(0, 0.02), residual projections
@@ -115,10 +126,7 @@ impl Gpt {
             });
         }
         let ln_f = LayerNorm::new(&mut ps, "transformer.ln_f", c, config.bias)?;
-        let t = config.block_size;
-        let mask: Vec<f32> = (0..t * t).map(|k| if k % t > k / t { f32::NEG_INFINITY } else { 0.0 }).collect();
-        let mask = Tensor::from_vec(mask, (t, t), device)?;
-        Ok(Self { config, params: ps, wte, wpe, blocks, ln_f, mask })
+        Ok(Self { config, params: ps, wte, wpe, blocks, ln_f })
     }
 
     fn dropout(&self, x: Tensor, train: bool) -> Result<Tensor> {
@@ -129,17 +137,17 @@ impl Gpt {
         }
     }
 
-    fn attention(&self, blk: &Block, x: &Tensor, train: bool) -> Result<Tensor> {
-        let t = x.dim(1)?;
+    /// `mask`: the causal mask when the composed attention runs (other devices, dropout).
+    fn attention(&self, blk: &Block, x: &Tensor, train: bool, mask: Option<&Tensor>) -> Result<Tensor> {
         let qkv = blk.c_attn.forward(x)?;
-        let mask = self.mask.narrow(0, 0, t)?.narrow(1, 0, t)?;
-        let y = if train && self.config.dropout > 0.0 {
+        let y = match mask {
             // Attention dropout needs the probabilities as a tensor: the composed path.
-            crate::models::ops::composed_causal_self_attention(&qkv, self.config.n_head, &mask, |att| {
-                candle_nn::ops::dropout(&att, self.config.dropout as f32)
-            })?
-        } else {
-            crate::models::ops::causal_self_attention(&qkv, self.config.n_head, &mask)?
+            Some(mask) if train && self.config.dropout > 0.0 => {
+                ops::composed_causal_self_attention(&qkv, self.config.n_head, mask, |att| {
+                    candle_nn::ops::dropout(&att, self.config.dropout as f32)
+                })?
+            }
+            _ => ops::causal_self_attention(&qkv, self.config.n_head, mask)?,
         };
         self.dropout(blk.attn_proj.forward(&y)?, train)
     }
@@ -154,9 +162,12 @@ impl Gpt {
         let tok = self.wte.as_tensor().index_select(&idx.flatten_all()?, 0)?.reshape((b, t, c))?;
         let pos = self.wpe.as_tensor().narrow(0, 0, t)?;
         let mut x = self.dropout(tok.broadcast_add(&pos)?, train)?;
+        // One mask for all layers, and only where the composed attention runs.
+        let composed = !idx.device().is_cpu() || (train && self.config.dropout > 0.0);
+        let mask = if composed { Some(ops::causal_mask(t, idx.device())?) } else { None };
         for blk in &self.blocks {
-            x = (&x + self.attention(blk, &blk.ln_1.forward(&x)?, train)?)?;
-            let h = crate::models::ops::gelu(&blk.c_fc.forward(&blk.ln_2.forward(&x)?)?)?;
+            x = (&x + self.attention(blk, &blk.ln_1.forward(&x)?, train, mask.as_ref())?)?;
+            let h = ops::gelu(&blk.c_fc.forward(&blk.ln_2.forward(&x)?)?)?;
             x = (&x + self.dropout(blk.mlp_proj.forward(&h)?, train)?)?;
         }
         let x = self.ln_f.forward(&x)?;

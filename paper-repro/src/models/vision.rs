@@ -35,6 +35,31 @@ impl VisionModelConfig {
     pub fn resnet18() -> Self {
         Self::Resnet { blocks: vec![2, 2, 2, 2], widths: vec![64, 128, 256, 512] }
     }
+    /// Every width and block count positive, one width per stage.
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            Self::Cnn { c1, c2, hidden } => {
+                for (key, v) in [("c1", c1), ("c2", c2), ("hidden", hidden)] {
+                    if *v == 0 || *v > 1 << 16 {
+                        bail!("{key} = {v} must lie in 1..=65536");
+                    }
+                }
+            }
+            Self::Resnet { blocks, widths } => {
+                if blocks.is_empty() || blocks.len() != widths.len() {
+                    bail!("resnet: `blocks` and `widths` must be non-empty and of equal length");
+                }
+                if let Some(w) = widths.iter().find(|w| **w == 0 || **w > 1 << 16) {
+                    bail!("resnet: width {w} must lie in 1..=65536");
+                }
+                if let Some(b) = blocks.iter().find(|b| **b == 0 || **b > 1 << 10) {
+                    bail!("resnet: {b} blocks in a stage; give 1..=1024");
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn name(&self) -> String {
         match self {
             Self::Cnn { .. } => "cnn".into(),
@@ -81,6 +106,7 @@ impl VisionModel {
         device: &Device,
         seed: u64,
     ) -> Result<Self> {
+        config.validate()?;
         let mut ps = ParamStore::new(device, seed);
         let body = match &config {
             VisionModelConfig::Cnn { c1, c2, hidden } => {

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use mada::OptimizerSpec;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -93,7 +93,53 @@ pub enum Task {
     },
 }
 
+/// Where a run computes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    #[default]
+    Cpu,
+    /// The first CUDA device (needs paper-repro built with `--features cuda`).
+    Cuda,
+}
+
+impl DeviceKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Cuda => "cuda",
+        }
+    }
+}
+
+/// The arithmetic of the matrix products.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// float32 everywhere (the official runs' `--dtype='float32'`).
+    #[default]
+    Fp32,
+    /// float32 storage, TF32 tensor-core matrix products on CUDA (what PyTorch's
+    /// `allow_tf32 = True`, set by nanoGPT, gives); the same as `fp32` on the CPU.
+    Tf32,
+}
+
+/// How the gradient norm is clipped when `grad_clip > 0`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClipMode {
+    /// The norm of the whole update's gradient (the sum over all micro-batches and ranks).
+    #[default]
+    Global,
+    /// Each rank's gradient (the mean over its micro-batches) before they are averaged, as
+    /// `train_ddp.py` clips before its all-reduce. The same as `global` with one rank.
+    PerRank,
+}
+
 /// A fully resolved run.
+///
+/// Fields added after the first release (`ranks`, `clip_mode`, `precision`) are written only
+/// when they differ from their default, so the runs that predate them keep their ids.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunSpec {
@@ -106,31 +152,53 @@ pub struct RunSpec {
     pub updates: u64,
     /// Examples (sequences or images) per micro-batch.
     pub batch_size: usize,
+    /// Micro-batches per update, over all ranks together.
     #[serde(default = "one")]
     pub grad_accum: u64,
+    /// The data-parallel world this run is (or emulates on one device): each update's
+    /// `grad_accum` micro-batches are shared out as `grad_accum / ranks` per rank, rank r
+    /// drawing its windows from its own r-th shard of the training data; the hyper-gradient is
+    /// the official `train_ddp.py` one, from the first micro-batch of every rank (see
+    /// [`crate::run::trainer`]).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub ranks: u64,
     /// Decoupled weight decay on tensors of dimension ≥ 2 (p ← p − lr·wd·p).
     #[serde(default)]
     pub weight_decay: f64,
-    /// Global gradient-norm clip (0 = none).
+    /// Gradient-norm clip (0 = none).
     #[serde(default)]
     pub grad_clip: f64,
+    /// What the clip applies to (default: the whole update's gradient).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub clip_mode: ClipMode,
     pub seed: u64,
     /// Evaluate every this many updates (and at the end).
     pub eval_interval: u64,
     /// Checkpoint every this many updates (and at the end).
     pub checkpoint_interval: u64,
     /// Device: "cpu" or "cuda" (needs the `cuda` feature).
-    #[serde(default = "cpu")]
-    pub device: String,
+    #[serde(default)]
+    pub device: DeviceKind,
+    /// fp32 or tf32 matrix products.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub precision: Precision,
 }
 
 fn one() -> u64 {
     1
 }
 
-fn cpu() -> String {
-    "cpu".into()
+fn is_one(x: &u64) -> bool {
+    *x == 1
 }
+
+fn is_default<T: Default + PartialEq>(x: &T) -> bool {
+    *x == T::default()
+}
+
+/// Largest sizes a spec may name before anything is allocated: beyond these a typo (an extra
+/// zero) would otherwise take the machine's memory or run for years.
+const MAX_UPDATES: u64 = 100_000_000;
 
 impl RunSpec {
     /// The run's identity: the first 16 hex digits of SHA-256 of its canonical JSON. The label
@@ -141,40 +209,61 @@ impl RunSpec {
         digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
     }
 
+    /// Micro-batches per rank and update.
+    pub fn micro_batches_per_rank(&self) -> u64 {
+        self.grad_accum / self.ranks.max(1)
+    }
+
+    /// Check every field that can be checked without the data: ranges, finiteness, sizes and
+    /// the optimizer's settings. Errors name the key.
     pub fn validate(&self) -> Result<()> {
-        if self.updates == 0 || self.batch_size == 0 || self.grad_accum == 0 {
-            bail!("updates, batch_size and grad_accum must be positive");
+        let positive = [
+            ("updates", self.updates),
+            ("batch_size", self.batch_size as u64),
+            ("grad_accum", self.grad_accum),
+            ("ranks", self.ranks),
+            ("eval_interval", self.eval_interval),
+            ("checkpoint_interval", self.checkpoint_interval),
+        ];
+        for (key, v) in positive {
+            if v == 0 {
+                bail!("{key} must be positive");
+            }
         }
-        if self.eval_interval == 0 || self.checkpoint_interval == 0 {
-            bail!("eval_interval and checkpoint_interval must be positive");
+        if self.updates > MAX_UPDATES {
+            bail!("updates = {} exceeds {MAX_UPDATES}", self.updates);
         }
-        if !(self.schedule.lr.is_finite() && self.schedule.lr > 0.0)
-            || self.schedule.min_lr < 0.0
-            || self.schedule.min_lr > self.schedule.lr
-        {
-            bail!(
-                "schedule: need 0 ≤ min_lr ≤ lr, lr > 0 (got lr {}, min_lr {})",
-                self.schedule.lr,
-                self.schedule.min_lr
-            );
+        if self.grad_accum % self.ranks != 0 {
+            bail!("grad_accum = {} is not a multiple of ranks = {}", self.grad_accum, self.ranks);
         }
-        if self.schedule.decay_until != 0 && self.schedule.decay_until < self.schedule.warmup {
-            bail!(
-                "schedule: decay_until {} is before the end of warm-up {}",
-                self.schedule.decay_until,
-                self.schedule.warmup
-            );
+        let s = &self.schedule;
+        for (key, v) in [("schedule.lr", s.lr), ("schedule.min_lr", s.min_lr)] {
+            if !v.is_finite() || v < 0.0 {
+                bail!("{key} = {v} must be a finite non-negative number");
+            }
         }
-        if !(0.0..=1.0).contains(&self.weight_decay) || self.grad_clip < 0.0 {
-            bail!("weight_decay must lie in [0, 1] and grad_clip be ≥ 0");
+        if s.lr == 0.0 || s.min_lr > s.lr {
+            bail!("schedule: need 0 ≤ min_lr ≤ lr and lr > 0 (got lr {}, min_lr {})", s.lr, s.min_lr);
         }
-        if !matches!(self.device.as_str(), "cpu" | "cuda") {
-            bail!("device must be \"cpu\" or \"cuda\", not {:?}", self.device);
+        if s.decay_until != 0 && s.decay_until < s.warmup {
+            bail!("schedule: decay_until {} is before the end of warm-up {}", s.decay_until, s.warmup);
+        }
+        if !(self.weight_decay.is_finite() && (0.0..=1.0).contains(&self.weight_decay)) {
+            bail!("weight_decay = {} must lie in [0, 1]", self.weight_decay);
+        }
+        if !(self.grad_clip.is_finite() && self.grad_clip >= 0.0) {
+            bail!("grad_clip = {} must be a finite number ≥ 0 (0 turns clipping off)", self.grad_clip);
         }
         // Building the optimizer checks every optimizer setting.
-        mada::AnyOptimizer::<f32>::from_spec(&self.optimizer)?;
-        if let Task::Lm { model, .. } = &self.task {
-            model.validate()?;
+        mada::AnyOptimizer::<f32>::from_spec(&self.optimizer).context("optimizer")?;
+        match &self.task {
+            Task::Lm { model, eval_chunks, eval_batch, .. } => {
+                model.validate().context("task.model")?;
+                if *eval_chunks == 0 || *eval_batch == 0 {
+                    bail!("task.eval_chunks and task.eval_batch must be positive");
+                }
+            }
+            Task::Vision { model, .. } => model.validate().context("task.model")?,
         }
         Ok(())
     }

@@ -1,20 +1,13 @@
-//! The training loop, shared by the GPT-2 and vision experiments; faithful to the official
-//! `train_ddp.py` / `train.py` (digest §5.3–5.5) on one device:
+//! The training loop, shared by the GPT-2 and vision experiments: updates ([`Trainer`]),
+//! evaluations, checkpoints, and the run folder's files ([`crate::run::log`]).
 //!
-//! per update t: `grad_accum` micro-batches, each loss divided by `grad_accum`; the
-//! hyper-gradient (MADA/HyperAdam) is taken from the **first micro-batch after an update**,
-//! before any clipping, and the hyper-step (hyper-gradients clamped to ±10, no step during the
-//! hyper warm-up) is applied at once; the micro-batch gradients are summed; the global gradient
-//! norm is clipped; decoupled weight decay p ← p − lr·wd·p on tensors of dimension ≥ 2; then the
-//! optimizer update with the scheduled lr. (Single device: the official per-rank clipping before
-//! the all-reduce and its 2-micro-batch first update are not reproduced.)
-//!
-//! Every run writes into its folder: `spec.json`, `log.csv` (one row per update), `eval.csv`,
-//! `checkpoint/` (model, optimizer and loop state; replaced atomically) and, when it finishes,
-//! `result.json`. A run started again with `resume` continues from its last checkpoint,
-//! bit-identically on the CPU (data batches are functions of (seed, update, micro-batch); the
-//! optimizer state is saved exactly). A non-finite loss or gradient stops the run with the
-//! update and tensor named; the last good checkpoint is kept and `failed.json` says why.
+//! A run started again continues from its last complete checkpoint, bit-identically on the CPU
+//! (data batches are functions of (seed, rank, update, micro-batch); the optimizer state is
+//! saved exactly). One process at a time writes a run folder (an exclusive lock); a folder that
+//! holds another spec's run is refused before anything in it changes. A non-finite loss or
+//! gradient stops the run naming the update (counted from 1, as in log.csv) and what went
+//! non-finite; the last good checkpoint is kept and `failed.json` says why. `result.json` is
+//! written last: a folder without it is an unfinished run.
 
 use std::path::Path;
 use std::time::Instant;
@@ -23,76 +16,179 @@ use anyhow::{bail, Context, Result};
 use indicatif::ProgressBar;
 use mada::Optimizer;
 
-use outputs::write_atomically;
+use outputs::{remove_stale_temporaries, write_atomically, FolderLock};
 
-use crate::run::checkpoint::{load_checkpoint, save_checkpoint, LoopState};
-use crate::run::log::{append, truncate_csv, RunDir, RunResult, EVAL_HEADER, LOG_HEADER};
+use crate::run::checkpoint::{self, LoopState};
+use crate::run::log::{code_version, read_rows, BatchRow, CsvLog, EvalRow, Execution, LogRow, RunDir, RunResult, RunState};
 use crate::run::spec::RunSpec;
 use crate::run::trainer::Trainer;
-use crate::run::workload::Workload;
+use crate::run::workload::{device, Workload};
 
-/// Train (or resume) the run described by `spec` in `dir`. Returns its result — `None` if
-/// `pause_after` updates were done in this call before the run finished (it stays resumable
-/// from the checkpoint written then); an already finished run returns its saved result.
-pub fn train(spec: &RunSpec, dir: &Path, bar: &ProgressBar, pause_after: Option<u64>) -> Result<Option<RunResult>> {
-    spec.validate()?;
-    let run = RunDir::new(dir);
-    if run.finished() {
-        return run.read_result().map(Some);
+/// How `train` treats a folder that holds an unfinished run of the same spec.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// Refuse it (`paper-repro train` without `--resume`).
+    Fresh,
+    /// Continue it, which needs a checkpoint (`--resume`).
+    Resume,
+    /// Continue it from its checkpoint if it has one, else start over (`reproduce`).
+    Auto,
+}
+
+/// What to do besides training.
+pub struct TrainOptions<'a> {
+    pub start: Start,
+    /// Stop (resumably, after a checkpoint) once this many updates were done in this call.
+    pub pause_after: Option<u64>,
+    /// Write the corpus offset of every training sequence used ([`BatchRow`]) to this file.
+    pub dump_batches: Option<&'a Path>,
+    pub progress: &'a ProgressBar,
+}
+
+impl<'a> TrainOptions<'a> {
+    pub fn new(start: Start, progress: &'a ProgressBar) -> Self {
+        Self { start, pause_after: None, dump_batches: None, progress }
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+}
+
+/// How a call to [`train`] ended.
+#[derive(Clone, Debug)]
+pub enum Outcome {
+    /// The run is finished (now, or it already was).
+    Finished(Box<RunResult>),
+    /// `pause_after` updates were done; the run resumes from the checkpoint written then.
+    Paused { step: u64 },
+}
+
+impl Outcome {
+    pub fn result(&self) -> Option<&RunResult> {
+        match self {
+            Outcome::Finished(r) => Some(r),
+            Outcome::Paused { .. } => None,
+        }
+    }
+}
+
+/// Train (or resume) the run of `spec` in `dir` with one process computing every rank.
+pub fn train(spec: &RunSpec, dir: &Path, opts: &TrainOptions<'_>) -> Result<Outcome> {
+    train_with(spec, dir, opts, &|| Trainer::new(spec))
+}
+
+/// [`train`] with the trainer `make` builds (a data-parallel rank's, for instance). Only the
+/// process computing rank 0 writes files; the others compute and follow.
+pub fn train_with(spec: &RunSpec, dir: &Path, opts: &TrainOptions<'_>, make: &dyn Fn() -> Result<Trainer>) -> Result<Outcome> {
+    spec.validate()?;
+    // Reach the device before anything is created.
+    device(spec.device)?;
+    let run = RunDir::new(dir);
     let id = spec.id();
-    write_atomically(&dir.join("spec.json"), serde_json::to_string_pretty(spec)?.as_bytes())?;
-    let _ = std::fs::remove_file(run.failed());
-    let outcome = train_inner(spec, &run, &id, bar, pause_after);
-    if let Err(e) = &outcome {
+    // Refuse a folder of another spec before touching it (checked again under the lock).
+    if let RunState::Finished(r) = run.state(&id)? {
+        return Ok(Outcome::Finished(r));
+    }
+    let existed = dir.exists();
+    let lock = FolderLock::acquire(dir, "run folder")?;
+    let resumable = match run.state(&id)? {
+        RunState::Finished(r) => return Ok(Outcome::Finished(r)),
+        RunState::Unfinished => true,
+        RunState::Absent => false,
+    };
+    if resumable && opts.start == Start::Fresh {
+        bail!("{} holds an unfinished run; pass --resume to continue it or choose another --out", dir.display());
+    }
+    remove_stale_temporaries(dir)?;
+    let saved = checkpoint::settle(&run)?;
+    if opts.start == Start::Resume && saved.is_none() {
+        bail!("--resume: {} has no complete checkpoint to continue from", dir.display());
+    }
+    let trainer = match make() {
+        Ok(t) => t,
+        Err(e) => {
+            // Nothing of the run was written: leave no folder that looks like one.
+            drop(lock);
+            if !existed {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            return Err(e);
+        }
+    };
+    let writer = trainer.collective().ranks_here(spec.ranks).start == 0;
+    if writer {
+        write_atomically(&run.spec(), serde_json::to_string_pretty(spec)?.as_bytes())?;
+        let _ = std::fs::remove_file(run.failed());
+    }
+    let outcome = train_loop(trainer, spec, &run, &id, saved, opts, writer);
+    if let (Err(e), true) = (&outcome, writer) {
         let why = serde_json::json!({ "spec_id": id, "error": format!("{e:#}") });
         let _ = write_atomically(&run.failed(), serde_json::to_string_pretty(&why)?.as_bytes());
     }
+    drop(lock);
     outcome
 }
 
-fn train_inner(
+/// The batch dump: rows of updates up to `done` are kept from an earlier call, later ones are
+/// written again.
+fn open_dump(path: &Path, done: u64) -> Result<CsvLog<BatchRow>> {
+    let log = CsvLog::<BatchRow>::new(path.to_path_buf());
+    let kept: Vec<BatchRow> = if done > 0 && path.exists() {
+        read_rows::<BatchRow>(path)?.into_iter().filter(|r| r.update <= done).collect()
+    } else {
+        Vec::new()
+    };
+    log.create()?;
+    for r in &kept {
+        log.append(r)?;
+    }
+    Ok(log)
+}
+
+fn train_loop(
+    mut tr: Trainer,
     spec: &RunSpec,
     run: &RunDir,
     id: &str,
-    bar: &ProgressBar,
-    pause_after: Option<u64>,
-) -> Result<Option<RunResult>> {
-    let mut tr = Trainer::new(spec)?;
-    let mut state = match load_checkpoint(run, &tr.work, &mut tr.opt, id)? {
-        Some(s) => {
-            truncate_csv(&run.log(), LOG_HEADER, s.log_rows)?;
-            truncate_csv(&run.eval(), EVAL_HEADER, s.eval_rows)?;
+    saved: Option<LoopState>,
+    opts: &TrainOptions<'_>,
+    writer: bool,
+) -> Result<Outcome> {
+    let (log, eval) = (run.log(), run.eval());
+    let mut state = match saved {
+        Some(_) => {
+            let s = checkpoint::load(run, &tr.work, &mut tr.opt, id)?;
+            if writer {
+                log.truncate(s.log_rows)?;
+                eval.truncate(s.eval_rows)?;
+            }
             s
         }
         None => {
-            write_atomically(&run.log(), format!("{LOG_HEADER}\n").as_bytes())?;
-            write_atomically(&run.eval(), format!("{EVAL_HEADER}\n").as_bytes())?;
+            if writer {
+                log.create()?;
+                eval.create()?;
+            }
             LoopState { spec_id: id.to_string(), ..Default::default() }
         }
     };
+    let dump = match (opts.dump_batches, writer) {
+        (Some(p), true) => Some(open_dump(p, state.step)?),
+        _ => None,
+    };
+    let bar = opts.progress;
     bar.set_length(spec.updates);
     bar.set_position(state.step);
-    let mut last_eval = (f64::NAN, f64::NAN, f64::NAN);
-    let (mut best_loss, mut best_acc) = (f64::INFINITY, f64::NEG_INFINITY);
-    // Best-so-far survives a resume: recompute from eval.csv.
-    if let Ok(text) = std::fs::read_to_string(run.eval()) {
-        for line in text.lines().skip(1) {
-            let cells: Vec<f64> = line.split(',').map(|c| c.parse().unwrap_or(f64::NAN)).collect();
-            if cells.len() == 4 {
-                best_loss = best_loss.min(cells[2]);
-                best_acc = best_acc.max(cells[3]);
-                last_eval = (cells[1], cells[2], cells[3]);
-            }
-        }
-    }
+    // Best-so-far survives a resume: recomputed from eval.csv.
+    let evals: Vec<EvalRow> = if writer && state.eval_rows > 0 { read_rows(eval.path())? } else { Vec::new() };
+    let mut last_eval = evals.last().copied();
+    let mut best_loss = evals.iter().map(|e| e.eval_loss).fold(f64::INFINITY, f64::min);
+    let mut best_acc = evals.iter().map(|e| e.eval_accuracy).fold(f64::NEG_INFINITY, f64::max);
     let unit = if matches!(tr.work, Workload::Lm { .. }) { "tok" } else { "img" };
     let mut done_here = 0u64;
     while state.step < spec.updates {
-        if pause_after.is_some_and(|p| done_here >= p) {
-            save_checkpoint(run, &tr.work, &tr.opt, &state)?;
-            return Ok(None);
+        if opts.pause_after.is_some_and(|p| done_here >= p) {
+            if writer {
+                checkpoint::save(run, &tr.work, &tr.opt, &state)?;
+            }
+            return Ok(Outcome::Paused { step: state.step });
         }
         done_here += 1;
         let t0 = Instant::now();
@@ -103,26 +199,33 @@ fn train_inner(
         state.step += 1;
         state.loss_sum += out.loss;
         state.loss_count += 1;
-        let fmt = |a: &[f64; 6]| a.iter().map(|v| format!("{v:e}")).collect::<Vec<_>>().join(",");
-        let row = format!(
-            "{},{:e},{},{},{},{},{:.1},{:.3}",
-            state.step,
-            out.lr,
-            out.loss,
-            out.grad_norm,
-            fmt(&out.coefficients),
-            fmt(&out.hypergradient),
-            out.items as f64 / dt,
-            state.elapsed_s
-        );
-        append(&run.log(), &row)?;
+        if let Some(d) = &dump {
+            for (micro, rows) in &out.batches {
+                for (row, &offset) in rows.iter().enumerate() {
+                    let r = BatchRow { update: state.step, micro_batch: micro + 1, row: row as u64 + 1, offset: offset as u64 };
+                    d.append(&r)?;
+                }
+            }
+        }
+        if writer {
+            log.append(&LogRow {
+                step: state.step,
+                lr: out.lr,
+                loss: out.loss,
+                grad_norm: out.grad_norm,
+                coefficients: out.coefficients,
+                hyper: out.hyper,
+                items_per_s: out.items as f64 / dt,
+                elapsed_s: state.elapsed_s,
+            })?;
+        }
         state.log_rows += 1;
         bar.set_position(state.step);
         bar.set_message(format!("loss {:.4} {:.0} {unit}/s", out.loss, out.items as f64 / dt));
 
         let last = state.step == spec.updates;
         if state.step % spec.eval_interval == 0 || last {
-            let (eval_loss, acc_v) = tr.work.evaluate()?;
+            let (eval_loss, eval_accuracy) = tr.work.evaluate()?;
             let train_loss = match tr.work.train_estimate()? {
                 Some(t) => t,
                 None => state.loss_sum / state.loss_count.max(1) as f64,
@@ -132,31 +235,40 @@ fn train_inner(
             if !eval_loss.is_finite() {
                 bail!("update {}: the evaluation loss is {eval_loss}", state.step);
             }
-            append(&run.eval(), &format!("{},{train_loss},{eval_loss},{acc_v}", state.step))?;
+            let row = EvalRow { step: state.step, train_loss, eval_loss, eval_accuracy };
+            if writer {
+                eval.append(&row)?;
+            }
             state.eval_rows += 1;
             best_loss = best_loss.min(eval_loss);
-            best_acc = best_acc.max(acc_v);
-            last_eval = (train_loss, eval_loss, acc_v);
+            best_acc = best_acc.max(eval_accuracy);
+            last_eval = Some(row);
         }
-        if state.step % spec.checkpoint_interval == 0 || last {
-            save_checkpoint(run, &tr.work, &tr.opt, &state)?;
+        if writer && (state.step % spec.checkpoint_interval == 0 || last) {
+            checkpoint::save(run, &tr.work, &tr.opt, &state)?;
         }
     }
+    let e = last_eval.context("a finished run has no evaluation")?;
     let result = RunResult {
         spec_id: id.to_string(),
         label: spec.label.clone(),
         updates: state.step,
-        final_eval_loss: last_eval.1,
+        final_eval_loss: e.eval_loss,
         best_eval_loss: best_loss,
-        final_eval_accuracy: last_eval.2,
+        final_eval_accuracy: e.eval_accuracy,
         best_eval_accuracy: if best_acc.is_finite() { best_acc } else { f64::NAN },
-        final_train_loss: last_eval.0,
+        final_train_loss: e.train_loss,
         final_coefficients: tr.opt.optimizer().as_mada().map(|m| m.coefficients().to_array()),
         items_per_s: state.items as f64 / state.elapsed_s.max(1e-9),
         elapsed_s: state.elapsed_s,
         params: tr.work.params().num_params(),
         optimizer_state_bytes_per_param: tr.opt.optimizer().state_bytes_per_param(),
+        ranks: spec.ranks,
+        execution: Execution { processes: tr.collective().processes(), backend: tr.collective().backend().into() },
+        commit: code_version(),
     };
-    write_atomically(&run.result(), serde_json::to_string_pretty(&result)?.as_bytes())?;
-    Ok(Some(result))
+    if writer {
+        write_atomically(&run.result(), serde_json::to_string_pretty(&result)?.as_bytes())?;
+    }
+    Ok(Outcome::Finished(Box::new(result)))
 }

@@ -1,27 +1,98 @@
-//! One update: micro-batches, the hyper-step, clipping, decay and the optimizer update.
+//! One update, as the official loops take it (digest §5.3–5.5), for a world of `ranks` ranks
+//! computed in this process (all of them, emulating a data-parallel run on one device) or
+//! spread over processes ([`Collective`]):
+//!
+//! 1. Every rank r runs its `grad_accum / ranks` micro-batches, each loss divided by
+//!    `grad_accum`, and sums their gradients (ranks in order, so that one process and several
+//!    add in the same order).
+//! 2. The hyper-gradient of the previous update (MADA, HyperAdam) is taken from each rank's
+//!    *first* micro-batch, before any clipping, and summed over the ranks. With the loss divided
+//!    by `grad_accum` = ranks × per-rank accumulation A this is exactly `train_ddp.py`'s
+//!    mean over ranks of (1/A)·∂f(x_t; ξ_r)/∂q; with one rank it is `train.py`'s (A = 1) or the
+//!    1/A-scaled first micro-batch. The hyper-step (clip ±10, momentum, projection, no step
+//!    during the warm-up) then changes only the coefficients, so taking it after the
+//!    micro-batches is the same as taking it right after the first one.
+//! 3. The gradient norm is clipped: of the whole update's gradient (`global`), or of each
+//!    rank's gradient, the mean over its micro-batches, before they are averaged (`per-rank`,
+//!    as `train_ddp.py` clips before its all-reduce).
+//! 4. Decoupled weight decay p ← p − lr·wd·p on tensors of dimension ≥ 2, then the optimizer
+//!    update with the scheduled lr.
+//!
+//! What still differs from `train_ddp.py`: its very first update sees 2 micro-batches instead of
+//! `grad_accum` (its loop takes the first update at micro-step 1), and its lr schedule counts
+//! micro-steps (set `schedule.in_micro_steps`).
 
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
 use mada::candle::VarOptimizer;
-use mada::AnyOptimizer;
+use mada::{AnyOptimizer, HyperStep};
 
 use crate::models::nn::ParamStore;
-use crate::run::spec::RunSpec;
-use crate::run::workload::Workload;
+use crate::run::log::HyperRecord;
+use crate::run::spec::{ClipMode, RunSpec};
+use crate::run::workload::{MicroBatch, Workload};
 
-/// Add the micro-batch gradients `more` into `acc` (the first micro-batch's store).
-fn sum_grads(acc: &mut Option<GradStore>, vars: &[candle_core::Var], more: GradStore) -> Result<()> {
+pub(crate) type Opt = VarOptimizer<f32, AnyOptimizer<f32>>;
+
+/// Sums across the processes of a data-parallel run. One process computing every rank needs
+/// none ([`SingleProcess`]); `crate::parallel` has the MPI and NCCL ones.
+pub trait Collective {
+    /// This process's ranks, in order.
+    fn ranks_here(&self, world: u64) -> std::ops::Range<u64>;
+    /// Sum `t` over the processes (every process gets the sum).
+    fn sum_tensor(&self, t: &Tensor) -> Result<Tensor>;
+    /// Sum `v` over the processes, in place.
+    fn sum_f64(&self, v: &mut [f64]) -> Result<()>;
+    /// What runs this: `single-process`, `mpi`, `nccl`.
+    fn backend(&self) -> &'static str;
+    /// Processes taking part.
+    fn processes(&self) -> u64;
+}
+
+/// Every rank in this process.
+pub struct SingleProcess;
+
+impl Collective for SingleProcess {
+    fn ranks_here(&self, world: u64) -> std::ops::Range<u64> {
+        0..world
+    }
+    fn sum_tensor(&self, t: &Tensor) -> Result<Tensor> {
+        Ok(t.clone())
+    }
+    fn sum_f64(&self, _: &mut [f64]) -> Result<()> {
+        Ok(())
+    }
+    fn backend(&self) -> &'static str {
+        "single-process"
+    }
+    fn processes(&self) -> u64 {
+        1
+    }
+}
+
+/// `acc += more·scale` over the variables (`acc` empty: `more` itself, scaled).
+fn add_grads(acc: &mut Option<GradStore>, vars: &[Var], mut more: GradStore, scale: f64) -> Result<()> {
     let Some(acc) = acc else {
+        if scale != 1.0 {
+            for v in vars {
+                if let Some(g) = more.get(v.as_tensor()) {
+                    let scaled = (g * scale)?;
+                    more.insert(v.as_tensor(), scaled);
+                }
+            }
+        }
         *acc = Some(more);
         return Ok(());
     };
     for v in vars {
         if let Some(g) = more.get(v.as_tensor()) {
+            let g = if scale == 1.0 { g.clone() } else { (g * scale)? };
             let total = match acc.get(v.as_tensor()) {
                 Some(a) => (a + g)?,
-                None => g.clone(),
+                None => g,
             };
             acc.insert(v.as_tensor(), total);
         }
@@ -29,8 +100,8 @@ fn sum_grads(acc: &mut Option<GradStore>, vars: &[candle_core::Var], more: GradS
     Ok(())
 }
 
-/// Global L2 norm of the gradients, and the name of the first non-finite one.
-fn grad_norm(params: &ParamStore, grads: &GradStore) -> Result<(f64, Option<String>)> {
+/// Global L2 norm of the gradients (times `scale`), and the name of the first non-finite one.
+fn grad_norm(params: &ParamStore, grads: &GradStore, scale: f64) -> Result<(f64, Option<String>)> {
     let mut total = 0f64;
     for (name, v) in params.params() {
         if let Some(g) = grads.get(v.as_tensor()) {
@@ -41,32 +112,55 @@ fn grad_norm(params: &ParamStore, grads: &GradStore) -> Result<(f64, Option<Stri
             total += s;
         }
     }
-    Ok((total.sqrt(), None))
+    Ok((total.sqrt() * scale, None))
 }
 
-pub(crate) type Opt = VarOptimizer<f32, AnyOptimizer<f32>>;
+/// The clip factor `torch.nn.utils.clip_grad_norm_` applies for this norm.
+fn clip_factor(norm: f64, max_norm: f64) -> f64 {
+    if max_norm > 0.0 && norm > max_norm {
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
+    }
+}
+
+/// The name of the first parameter holding a non-finite value, if any.
+fn first_non_finite_parameter(params: &ParamStore) -> Result<Option<String>> {
+    for (name, v) in params.params() {
+        let s = v.as_tensor().abs()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        if !s.is_finite() {
+            return Ok(Some(name.clone()));
+        }
+    }
+    Ok(None)
+}
 
 /// A model, its data and its optimizer, ready to take update steps.
 pub struct Trainer {
     pub spec: RunSpec,
     pub work: Workload,
     pub opt: Opt,
-    vars: Vec<candle_core::Var>,
+    vars: Vec<Var>,
     /// Tensors of dimension ≥ 2 (decayed).
     decayed: Vec<usize>,
+    collective: Box<dyn Collective>,
 }
 
 /// What one update did.
 pub struct StepOutput {
     pub lr: f64,
+    /// Mean training loss over the update's micro-batches (of this process).
     pub loss: f64,
+    /// Norm of the whole update's gradient, before clipping.
     pub grad_norm: f64,
-    /// Hyper-gradient used by the hyper-step before this update (NaN if none).
-    pub hypergradient: [f64; 6],
-    /// Coefficients after the update (NaN for non-MADA optimizers).
+    /// The hyper-gradient of the previous update and what the hyper-step did with it.
+    pub hyper: HyperRecord,
+    /// Coefficients after the hyper-step (NaN for non-MADA optimizers).
     pub coefficients: [f64; 6],
-    /// Tokens or images processed.
+    /// Tokens or images processed (by this process).
     pub items: usize,
+    /// Where each micro-batch's rows came from: (micro-batch index, row starts).
+    pub batches: Vec<(u64, Vec<usize>)>,
     /// Seconds in forward + backward, and in the optimizer (hyper-gradient, clipping, decay,
     /// update).
     pub model_s: f64,
@@ -74,7 +168,12 @@ pub struct StepOutput {
 }
 
 impl Trainer {
+    /// One process computing every rank of the spec.
     pub fn new(spec: &RunSpec) -> Result<Self> {
+        Self::with_collective(spec, Box::new(SingleProcess))
+    }
+
+    pub fn with_collective(spec: &RunSpec, collective: Box<dyn Collective>) -> Result<Self> {
         spec.validate()?;
         let work = Workload::build(spec)?;
         let vars = work.params().vars();
@@ -82,72 +181,128 @@ impl Trainer {
             work.params().params().iter().enumerate().filter(|(_, (_, v))| v.rank() >= 2).map(|(i, _)| i).collect();
         let opt =
             VarOptimizer::with_optimizer(vars.clone(), AnyOptimizer::from_spec(&spec.optimizer)?, spec.schedule.lr)?;
-        Ok(Self { spec: spec.clone(), work, opt, vars, decayed })
+        Ok(Self { spec: spec.clone(), work, opt, vars, decayed, collective })
     }
 
-    /// Update `step` (0-based): micro-batches, hyper-step, clipping, decay, optimizer update.
+    pub fn collective(&self) -> &dyn Collective {
+        &*self.collective
+    }
+
+    /// The hyper-gradient of the optimizer's last update on `grads` (None: not MADA-family, or
+    /// no update yet).
+    fn hypergradient(&self, grads: &GradStore) -> Result<Option<[f64; 6]>> {
+        let h = self.opt.with_gradients(grads, |o, g| o.as_mada().map(|m| m.hypergradient(g)))?;
+        Ok(h.transpose()?.flatten())
+    }
+
+    /// Update `step` (counted from 0; messages and logs call it update `step + 1`).
     pub fn step(&mut self, step: u64) -> Result<StepOutput> {
-        let ga = self.spec.grad_accum;
+        let (world, ga) = (self.spec.ranks, self.spec.grad_accum);
+        let per_rank = ga / world;
         let lr = self.spec.schedule.at(step, ga);
+        let update = step + 1;
         let (mut model_s, mut optimizer_s) = (0.0, 0.0);
-        let mut acc: Option<GradStore> = None;
+        let mut total: Option<GradStore> = None;
         let mut loss_total = 0.0;
         let mut items = 0usize;
-        let mut hyper = [f64::NAN; 6];
-        for micro in 0..ga {
-            let t = Instant::now();
-            let (loss, n) = self.work.micro_loss(step, micro, ga)?;
-            let value = loss.to_scalar::<f32>()? as f64;
-            if !value.is_finite() {
-                bail!("update {step}, micro-batch {micro}: the training loss is {value}");
-            }
-            loss_total += value / ga as f64;
-            items += n;
-            let grads = (loss / ga as f64)?.backward()?;
-            model_s += t.elapsed().as_secs_f64();
-            let t = Instant::now();
-            if micro == 0 {
-                // MADA / HyperAdam: the hyper-gradient of the previous update, from this first
-                // micro-batch's (unclipped, 1/GA-scaled) gradient; hyper-step at once.
-                let h = self.opt.with_gradients(&grads, |o, g| o.as_mada().map(|m| m.hypergradient(g)))?;
-                if let Some(h) = h.transpose()?.flatten() {
-                    if let Some(m) = self.opt.optimizer_mut().as_mada_mut() {
-                        m.apply_hypergradient(h).map_err(|e| anyhow!("update {step}: {e}"))?;
+        let mut hyper_sum: Option<[f64; 6]> = None;
+        let mut batches = Vec::new();
+        for rank in self.collective.ranks_here(world) {
+            let mut rank_acc: Option<GradStore> = None;
+            for local in 0..per_rank {
+                let mb = MicroBatch { step, rank, ranks: world, local };
+                let t = Instant::now();
+                let (loss, n, rows) = self.work.micro_loss(mb, ga)?;
+                let value = loss.to_scalar::<f32>()? as f64;
+                if !value.is_finite() {
+                    let at = format!("update {update}, micro-batch {} (rank {rank})", mb.index() + 1);
+                    match first_non_finite_parameter(self.work.params())? {
+                        Some(p) => bail!("{at}: the training loss is {value}: parameter {p} is not finite"),
+                        None => bail!(
+                            "{at}: the training loss is {value} with every parameter finite (an activation \
+                             overflowed: lower the learning rate or clip harder)"
+                        ),
                     }
-                    hyper = h;
                 }
+                loss_total += value / ga as f64;
+                items += n;
+                batches.push((mb.index(), rows));
+                let grads = (loss / ga as f64)?.backward()?;
+                model_s += t.elapsed().as_secs_f64();
+                let t = Instant::now();
+                if local == 0 {
+                    if let Some(h) = self.hypergradient(&grads)? {
+                        let sum = hyper_sum.get_or_insert([0.0; 6]);
+                        sum.iter_mut().zip(h).for_each(|(s, x)| *s += x);
+                    }
+                }
+                add_grads(&mut rank_acc, &self.vars, grads, 1.0)?;
+                optimizer_s += t.elapsed().as_secs_f64();
             }
-            sum_grads(&mut acc, &self.vars, grads)?;
+            let t = Instant::now();
+            let rank_acc = rank_acc.context("a rank without micro-batches")?;
+            // Per-rank clipping acts on the rank's mean gradient, `world` × its share of the sum.
+            let scale = match self.spec.clip_mode {
+                ClipMode::PerRank if world > 1 => {
+                    let (norm, _) = grad_norm(self.work.params(), &rank_acc, world as f64)?;
+                    clip_factor(norm, self.spec.grad_clip)
+                }
+                _ => 1.0,
+            };
+            add_grads(&mut total, &self.vars, rank_acc, scale)?;
             optimizer_s += t.elapsed().as_secs_f64();
         }
         let t = Instant::now();
-        let mut acc = acc.context("no micro-batch")?;
-        let (norm, bad) = grad_norm(self.work.params(), &acc)?;
-        if let Some(name) = bad {
-            bail!("update {step}: the gradient of {name} is not finite");
-        }
-        if self.spec.grad_clip > 0.0 && norm > self.spec.grad_clip {
-            let scale = self.spec.grad_clip / (norm + 1e-6);
+        let mut total = total.context("no micro-batch")?;
+        if self.collective.processes() > 1 {
             for v in &self.vars {
-                if let Some(g) = acc.get(v.as_tensor()) {
-                    let scaled = (g * scale)?;
-                    acc.insert(v.as_tensor(), scaled);
+                if let Some(g) = total.get(v.as_tensor()) {
+                    let summed = self.collective.sum_tensor(g)?;
+                    total.insert(v.as_tensor(), summed);
+                }
+            }
+        }
+        let hyper = self.hyper_step(hyper_sum, update)?;
+        let (norm, bad) = grad_norm(self.work.params(), &total, 1.0)?;
+        if let Some(name) = bad {
+            bail!("update {update}: the gradient of {name} is not finite");
+        }
+        let global = match self.spec.clip_mode {
+            ClipMode::PerRank if world > 1 => 1.0,
+            _ => clip_factor(norm, self.spec.grad_clip),
+        };
+        if global != 1.0 {
+            for v in &self.vars {
+                if let Some(g) = total.get(v.as_tensor()) {
+                    let scaled = (g * global)?;
+                    total.insert(v.as_tensor(), scaled);
                 }
             }
         }
         self.opt.decoupled_weight_decay(&self.decayed, lr, self.spec.weight_decay)?;
         candle_nn::Optimizer::set_learning_rate(&mut self.opt, lr);
-        self.opt.update(&acc)?;
+        self.opt.update(&total)?;
         optimizer_s += t.elapsed().as_secs_f64();
         Ok(StepOutput {
             lr,
             loss: loss_total,
             grad_norm: norm,
-            hypergradient: hyper,
+            hyper,
             coefficients: self.opt.optimizer().as_mada().map(|m| m.coefficients().to_array()).unwrap_or([f64::NAN; 6]),
             items,
+            batches,
             model_s,
             optimizer_s,
         })
+    }
+
+    /// Sum the ranks' hyper-gradients over the processes and take the hyper-step.
+    fn hyper_step(&mut self, local: Option<[f64; 6]>, update: u64) -> Result<HyperRecord> {
+        let Some(mut h) = local else { return Ok(HyperRecord::NONE) };
+        self.collective.sum_f64(&mut h)?;
+        let Some(m) = self.opt.optimizer_mut().as_mada_mut() else { return Ok(HyperRecord::NONE) };
+        let taken: Option<HyperStep> = m.apply_hypergradient(h).map_err(|e| anyhow!("update {update}: {e}"))?;
+        let c = m.hyper_config();
+        Ok(HyperRecord::new(h, taken.as_ref(), c.clip, c.learned))
     }
 }

@@ -180,13 +180,24 @@ impl CustomOp2 for CausalAttentionBackward {
     }
 }
 
+/// The additive causal mask of `t` tokens (0 on and below the diagonal, −∞ above), which the
+/// composed attention needs (the fused CPU kernel needs none).
+pub fn causal_mask(t: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..t * t).map(|k| if k % t > k / t { f32::NEG_INFINITY } else { 0.0 }).collect();
+    Tensor::from_vec(mask, (t, t), device)
+}
+
 /// Causal multi-head self-attention from the packed q|k|v projection (B, T, 3C) to (B, T, C)
-/// (heads side by side), as nanoGPT's `CausalSelfAttention` between its two linear layers.
-pub fn causal_self_attention(qkv: &Tensor, heads: usize, mask: &Tensor) -> Result<Tensor> {
+/// (heads side by side), as nanoGPT's `CausalSelfAttention` between its two linear layers. On
+/// other devices it is composed, with `mask` (of [`causal_mask`], built here when `None`).
+pub fn causal_self_attention(qkv: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
     if qkv.device().is_cpu() && qkv.dtype() == candle_core::DType::F32 {
         return qkv.contiguous()?.apply_op1(CausalAttention { heads, block: ATTENTION_ROW_BLOCK });
     }
-    composed_causal_self_attention(qkv, heads, mask, Ok)
+    match mask {
+        Some(m) => composed_causal_self_attention(qkv, heads, m, Ok),
+        None => composed_causal_self_attention(qkv, heads, &causal_mask(qkv.dim(1)?, qkv.device())?, Ok),
+    }
 }
 
 /// The same attention from composed tensor ops, with the (B, H, T, T) probabilities passed
@@ -214,8 +225,7 @@ mod tests {
     fn fused_attention_matches_the_composed_heads() {
         let dev = Device::Cpu;
         let (b, t, c, heads) = (2, 7, 12, 3);
-        let mask: Vec<f32> = (0..t * t).map(|k| if k % t > k / t { f32::NEG_INFINITY } else { 0.0 }).collect();
-        let mask = Tensor::from_vec(mask, (t, t), &dev).unwrap();
+        let mask = causal_mask(t, &dev).unwrap();
         let composed = |qkv: &Tensor| {
             let hs = c / heads;
             let split = |k: usize| {
@@ -254,7 +264,7 @@ mod tests {
             let gf = (yf * &r).unwrap().sum_all().unwrap().backward().unwrap();
             close(gf.get(x.as_tensor()).unwrap(), gr.get(x.as_tensor()).unwrap());
         }
-        close(&causal_self_attention(x.as_tensor(), heads, &mask).unwrap(), &yr);
+        close(&causal_self_attention(x.as_tensor(), heads, None).unwrap(), &yr);
         close(&composed_causal_self_attention(x.as_tensor(), heads, &mask, Ok).unwrap(), &yr);
     }
 }

@@ -20,7 +20,7 @@ mod gemm;
 mod layer_norm;
 mod softmax;
 
-pub use attention::{causal_self_attention, composed_causal_self_attention};
+pub use attention::{causal_mask, causal_self_attention, composed_causal_self_attention};
 pub use batch_norm::batch_norm_train;
 pub use conv2d::conv2d;
 pub use gelu::gelu;
