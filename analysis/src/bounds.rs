@@ -2,7 +2,7 @@
 //! source label ("published" with the citation, or "derived here" with the THEORY.md section),
 //! and the algorithm of [`crate::frameworks`] it covers. Derivations: `analysis/THEORY.md`.
 //!
-//! None of these is the MADA paper's theorem: its statements were not available (digest §6).
+//! None of these is the MADA paper's theorem: its statements were not available to this project.
 //! [`PaperSlot`] lets them be added as data when they are.
 
 use std::path::Path;

@@ -34,7 +34,6 @@ pub struct Size {
     pub base_seed: u64,
 }
 
-
 /// The verdict on one instance.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]

@@ -1,6 +1,6 @@
 //! # analysis — the paper's convergence claims, checked numerically
 //!
-//! The MADA paper's theorem statements were not available (the project's spec, digest §6), so
+//! The MADA paper's theorem statements were not available to this project, so
 //! this crate confronts published bounds and bounds derived here (`analysis/THEORY.md`) with the
 //! algorithms they are proved for, on synthetic problems whose constants are computed:
 //!

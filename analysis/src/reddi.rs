@@ -1,4 +1,4 @@
-//! The Reddi et al. (2018) counterexample with the official MADA settings (digest §7):
+//! The Reddi et al. (2018) counterexample with the official MADA settings (`amsgrad_toy.py`):
 //! online linear losses on x ∈ [−1, 1], f_t(x) = 1010·x if t mod 101 = 1, else −10·x (x* = −1),
 //! x_0 = 0, T = 2,000,000. The optimizers and the learning rate are data ([`Settings`], the
 //! `[reddi]` table of `experiments/reddi.toml`): the official script's Adam and AMSGrad
@@ -8,7 +8,7 @@
 //!
 //! The box is enforced by projection (clamp) after every update. (The official script instead
 //! replaced the parameter object, which froze the torch optimizers' iterate at the first
-//! boundary hit; digest §12.15.)
+//! boundary hit.)
 
 use anyhow::{bail, Context, Result};
 use mada::{AnyOptimizer, Optimizer, OptimizerSpec};
@@ -34,7 +34,8 @@ impl Settings {
     /// The `[reddi]` table of an experiment file (the rest of the file is the catalog's).
     pub fn read(path: &std::path::Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let mut table: toml::Table = toml::from_str(&text).with_context(|| format!("invalid TOML in {}", path.display()))?;
+        let mut table: toml::Table =
+            toml::from_str(&text).with_context(|| format!("invalid TOML in {}", path.display()))?;
         let Some(reddi) = table.remove("reddi") else { bail!("{} has no [reddi] table", path.display()) };
         reddi.try_into().with_context(|| format!("{}: [reddi]", path.display()))
     }
@@ -46,7 +47,12 @@ impl Settings {
         }
         self.optimizers
             .iter()
-            .map(|c| Ok((c.label.clone(), AnyOptimizer::from_spec(&c.spec).with_context(|| format!("reddi optimizer {}", c.label))?)))
+            .map(|c| {
+                Ok((
+                    c.label.clone(),
+                    AnyOptimizer::from_spec(&c.spec).with_context(|| format!("reddi optimizer {}", c.label))?,
+                ))
+            })
             .collect()
     }
 }

@@ -32,7 +32,8 @@ impl BoundsSettings {
     /// The settings of `tier` in the bounds experiment file (`[tiers.<tier>.bounds]`).
     pub fn read(path: &Path, tier: &str) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let table: toml::Table = toml::from_str(&text).with_context(|| format!("invalid TOML in {}", path.display()))?;
+        let table: toml::Table =
+            toml::from_str(&text).with_context(|| format!("invalid TOML in {}", path.display()))?;
         let value = table
             .get("tiers")
             .and_then(|t| t.get(tier))
@@ -434,7 +435,14 @@ pub fn reddi_outputs(out: &Path, settings: &reddi::Settings, steps: u64, every: 
         .iter()
         .map(|t| {
             let i = t.t.len() - 1;
-            ReddiRow { name: t.name.clone(), x: t.x[i], avg_regret: t.avg_regret[i], rho: finite(t.rho[i]), beta3: finite(t.beta3[i]), c: finite(t.c[i]) }
+            ReddiRow {
+                name: t.name.clone(),
+                x: t.x[i],
+                avg_regret: t.avg_regret[i],
+                rho: finite(t.rho[i]),
+                beta3: finite(t.beta3[i]),
+                c: finite(t.c[i]),
+            }
         })
         .collect();
     let report = ReddiReport { steps, lr: settings.lr, rows };

@@ -9,6 +9,9 @@ use serde::Deserialize;
 
 use outputs::write_atomically;
 
+/// The most steps a trace may take (its rows are kept in memory until written).
+pub const MAX_STEPS: u64 = 10_000_000;
+
 /// A trace spec: problem, optimizer (with a constant `lr`), number of steps.
 #[derive(Debug, Clone)]
 pub struct TraceSpec {
@@ -81,6 +84,10 @@ impl TraceSpec {
         }
         if a.iter().flatten().chain(&b).chain(&x0).any(|v| !v.is_finite()) {
             bail!("problem has a non-finite entry");
+        }
+        // The trajectory is held in memory (a row of d + 8 numbers per step): bound it.
+        if raw.steps == 0 || raw.steps > MAX_STEPS {
+            bail!("steps = {} must lie in 1..={MAX_STEPS}", raw.steps);
         }
         let mut opt = raw.optimizer;
         let lr = match opt.remove("lr") {
@@ -202,17 +209,61 @@ pub fn compare(ours: &Trace, reference: &Trace, atol: f64, rtol: f64) -> Result<
 /// The reference trajectories of `tests/data/reference-traces` (name, spec, trajectory),
 /// embedded so that a moved binary still checks them.
 pub const REFERENCE_TRACES: [(&str, &str, &str); 11] = [
-    ("adam", include_str!("../tests/data/reference-traces/adam.json"), include_str!("../tests/data/reference-traces/adam.csv")),
-    ("adamw", include_str!("../tests/data/reference-traces/adamw.json"), include_str!("../tests/data/reference-traces/adamw.csv")),
-    ("adan", include_str!("../tests/data/reference-traces/adan.json"), include_str!("../tests/data/reference-traces/adan.csv")),
-    ("amsgrad", include_str!("../tests/data/reference-traces/amsgrad.json"), include_str!("../tests/data/reference-traces/amsgrad.csv")),
-    ("lion", include_str!("../tests/data/reference-traces/lion.json"), include_str!("../tests/data/reference-traces/lion.csv")),
-    ("mada_adam_frozen", include_str!("../tests/data/reference-traces/mada_adam_frozen.json"), include_str!("../tests/data/reference-traces/mada_adam_frozen.csv")),
-    ("mada_interior", include_str!("../tests/data/reference-traces/mada_interior.json"), include_str!("../tests/data/reference-traces/mada_interior.csv")),
-    ("mada_lion_corner", include_str!("../tests/data/reference-traces/mada_lion_corner.json"), include_str!("../tests/data/reference-traces/mada_lion_corner.csv")),
-    ("mada_momentum_clip_start", include_str!("../tests/data/reference-traces/mada_momentum_clip_start.json"), include_str!("../tests/data/reference-traces/mada_momentum_clip_start.csv")),
-    ("sgd_momentum", include_str!("../tests/data/reference-traces/sgd_momentum.json"), include_str!("../tests/data/reference-traces/sgd_momentum.csv")),
-    ("yogi", include_str!("../tests/data/reference-traces/yogi.json"), include_str!("../tests/data/reference-traces/yogi.csv")),
+    (
+        "adam",
+        include_str!("../tests/data/reference-traces/adam.json"),
+        include_str!("../tests/data/reference-traces/adam.csv"),
+    ),
+    (
+        "adamw",
+        include_str!("../tests/data/reference-traces/adamw.json"),
+        include_str!("../tests/data/reference-traces/adamw.csv"),
+    ),
+    (
+        "adan",
+        include_str!("../tests/data/reference-traces/adan.json"),
+        include_str!("../tests/data/reference-traces/adan.csv"),
+    ),
+    (
+        "amsgrad",
+        include_str!("../tests/data/reference-traces/amsgrad.json"),
+        include_str!("../tests/data/reference-traces/amsgrad.csv"),
+    ),
+    (
+        "lion",
+        include_str!("../tests/data/reference-traces/lion.json"),
+        include_str!("../tests/data/reference-traces/lion.csv"),
+    ),
+    (
+        "mada_adam_frozen",
+        include_str!("../tests/data/reference-traces/mada_adam_frozen.json"),
+        include_str!("../tests/data/reference-traces/mada_adam_frozen.csv"),
+    ),
+    (
+        "mada_interior",
+        include_str!("../tests/data/reference-traces/mada_interior.json"),
+        include_str!("../tests/data/reference-traces/mada_interior.csv"),
+    ),
+    (
+        "mada_lion_corner",
+        include_str!("../tests/data/reference-traces/mada_lion_corner.json"),
+        include_str!("../tests/data/reference-traces/mada_lion_corner.csv"),
+    ),
+    (
+        "mada_momentum_clip_start",
+        include_str!("../tests/data/reference-traces/mada_momentum_clip_start.json"),
+        include_str!("../tests/data/reference-traces/mada_momentum_clip_start.csv"),
+    ),
+    (
+        "sgd_momentum",
+        include_str!("../tests/data/reference-traces/sgd_momentum.json"),
+        include_str!("../tests/data/reference-traces/sgd_momentum.csv"),
+    ),
+    (
+        "yogi",
+        include_str!("../tests/data/reference-traces/yogi.json"),
+        include_str!("../tests/data/reference-traces/yogi.csv"),
+    ),
 ];
 
 /// Tolerance of the reference check: |ours − ref| ≤ atol + rtol·|ref| on every cell.

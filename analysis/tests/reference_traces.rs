@@ -39,6 +39,25 @@ fn every_reference_trace_is_reproduced() {
 }
 
 /// Bad specs end in one clear error naming the key, the optimizer or the dimension.
+/// The embedded copies (what the report's claim 1 reruns) are the files of this folder.
+#[test]
+fn the_embedded_reference_traces_are_every_file_of_the_folder() {
+    let mut on_disk: Vec<String> = std::fs::read_dir(reference_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .map(|p| p.file_stem().unwrap().to_string_lossy().to_string())
+        .collect();
+    on_disk.sort();
+    let embedded: Vec<&str> = analysis::trace::REFERENCE_TRACES.iter().map(|t| t.0).collect();
+    assert_eq!(on_disk, embedded);
+    for (name, spec, csv) in analysis::trace::REFERENCE_TRACES {
+        assert_eq!(spec, std::fs::read_to_string(reference_dir().join(format!("{name}.json"))).unwrap());
+        assert_eq!(csv, std::fs::read_to_string(reference_dir().join(format!("{name}.csv"))).unwrap());
+    }
+    assert!(analysis::trace::check_references().iter().all(|(_, w)| w.as_ref().is_ok_and(|x| *x <= 1.0)));
+}
+
 #[test]
 fn bad_specs_are_refused_with_a_clear_error() {
     let good = std::fs::read_to_string(reference_dir().join("mada_interior.json")).unwrap();
@@ -51,6 +70,9 @@ fn bad_specs_are_refused_with_a_clear_error() {
         (good.replace("\"lr\": 0.05,", ""), "optimizer.lr"),
         (good.replacen("-0.10922561189039715", "-0.10922561189039715, 1.0", 1), "x0 has 4 entries"),
         ("{ not json".to_string(), "invalid trace spec"),
+        // Step counts that used to overflow a capacity or abort on allocation.
+        (good.replace("\"steps\": 60", "\"steps\": 18446744073709551615"), "steps = 18446744073709551615"),
+        (good.replace("\"steps\": 60", "\"steps\": 1000000000000"), "steps = 1000000000000"),
     ];
     for (i, (text, needle)) in cases.iter().enumerate() {
         let spec = dir.path().join(format!("bad{i}.json"));

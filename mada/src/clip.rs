@@ -1,5 +1,5 @@
 //! Gradient clipping and decoupled weight decay, as the paper's training loops apply them
-//! outside the optimizer (digest §5.5).
+//! outside the optimizer (`train.py` and `train_ddp.py` of the official code).
 
 use crate::{par, Float};
 

@@ -59,7 +59,7 @@ impl fmt::Display for Coef {
     }
 }
 
-/// The box every coefficient is projected onto after each hyper-step (digest §3.4, the
+/// The box every coefficient is projected onto after each hyper-step (`gdtuo.Meta.step`, the
 /// official code's clamps): β1 ∈ [0.01, 0.99], β2 ∈ [0.501, 0.99], β3 ∈ [0, 0.99],
 /// ρ, c, γ ∈ [0, 1].
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]

@@ -1,7 +1,7 @@
 //! The MADA parameterized optimizer: update rule, closed-form one-step hyper-gradients and the
 //! fused kernels that compute them.
 //!
-//! # The update (digest §3.2, verified against the official `gdtuo.Meta`)
+//! # The update (`gdtuo.Meta.step` of the official code, verified against it)
 //!
 //! Per element, at update t = 1, 2, … of a tensor, with gradient g_t, coefficients
 //! q_t = (β1, β2, β3, ρ, c, γ) and learning rate η_t:
@@ -26,7 +26,7 @@
 //!   Shakespeare grid used 1e-8.
 //! - **Initial accumulators**: m_0 = 0, v_0 = v̄_0 = 1e-15 (so v̂ > 0 and a zero gradient gives
 //!   a finite step), g_0 = 0 (so d_1 = g_1), mL_0 = 0, and n_0 = g_1⊙g_1 under
-//!   [`Semantics::OfficialCode`] (a quirk of the official code, digest §12.7) or n_0 = 0 under
+//!   [`Semantics::OfficialCode`] (a quirk of the official `gdtuo.Meta`) or n_0 = 0 under
 //!   [`Semantics::Textbook`].
 //! - **Lion constants** βL1 = 0.95, βL2 = 0.98, fixed; Lion shares η_t and has no weight decay.
 //! - **sign(0) = 0** (`torch.sign`).
@@ -34,7 +34,7 @@
 //! - The step counter t is per tensor (every tensor is updated at every step in practice, so it
 //!   equals the official global counter).
 //!
-//! # The hyper-gradient (digest §5.1–5.2)
+//! # The hyper-gradient (what the official autograd computes through `gdtuo.Meta`)
 //!
 //! After update t, the hyper-gradient of the next loss f(x_t; ξ) with respect to q_t, through
 //! that one update only (all states from t−1, g_t and η_t held constant, and — the official
@@ -267,6 +267,8 @@ struct Scalars<T> {
     inv_bc1: T,
     inv_bc2: T,
     eps: T,
+    /// 1/ε (1/D where v̂ = 0; ∞ for ε = 0, which then never enters a product).
+    inv_eps: T,
     lr: T,
     lion_b1: T,
     lion_omb1: T,
@@ -302,6 +304,7 @@ impl<T: Float> Scalars<T> {
             inv_bc1: T::of(1.0 / bc1),
             inv_bc2: T::of(1.0 / bc2),
             eps: T::of(config.eps),
+            inv_eps: T::of(1.0 / config.eps),
             lr: T::of(lr),
             lion_b1: T::of(config.lion_beta1),
             lion_omb1: T::of(1.0 - config.lion_beta1),
@@ -429,14 +432,18 @@ fn element_partials<T: Float, const MAX: bool>(
     let m_hat = m * k.inv_bc1;
     let mix = k.rho * v + k.omrho * v_mean;
     let root = (mix * k.inv_bc2).sqrt();
-    // One division for both reciprocals: r = 1/(S·D), 1/D = S·r, 1/S = D·r.
+    // One division for both reciprocals: r = 1/(S·D), 1/D = S·r, 1/S = D·r. Where v̂ = 0 (a
+    // second moment that underflowed, after a long run of zero gradients) √ has no derivative:
+    // there D = ε, and the partials through v̂ are taken as 0 (the official autograd gives NaN
+    // there, which would end the run).
+    let positive = root > T::zero();
     let den = root + k.eps;
-    let r = T::one() / (root * den);
-    let inv_den = root * r;
+    let r = T::one() / if positive { root * den } else { T::one() };
+    let inv_den = if positive { root * r } else { k.inv_eps };
     let numer = m_hat + k.b3 * n;
     let a = numer * inv_den;
     // K = ∂A/∂v̂ = −N / (2·S·D²) = −A·(1/D)·(1/S)/2
-    let kk = -a * inv_den * (den * r) / two;
+    let kk = if positive { -a * inv_den * (den * r) / two } else { T::zero() };
     let gk = k.gamma * kk;
     // κ = ∂mix/∂v_t: ρ with the detached mean, ρ + (1 − ρ)·χ through the maximum.
     let kappa = if MAX { k.rho + k.omrho * chi } else { k.rho };
@@ -777,12 +784,22 @@ impl<T: Float> Optimizer<T> for Mada<T> {
         );
         use RunningMoment::{Max, Mean};
         match (config.semantics, track, config.running) {
-            (Semantics::OfficialCode, true, Mean) => par::for_each(views, &|c| update_chunk::<T, false, true, false>(&k, c)),
-            (Semantics::OfficialCode, false, Mean) => par::for_each(views, &|c| update_chunk::<T, false, false, false>(&k, c)),
+            (Semantics::OfficialCode, true, Mean) => {
+                par::for_each(views, &|c| update_chunk::<T, false, true, false>(&k, c))
+            }
+            (Semantics::OfficialCode, false, Mean) => {
+                par::for_each(views, &|c| update_chunk::<T, false, false, false>(&k, c))
+            }
             (Semantics::Textbook, true, Mean) => par::for_each(views, &|c| update_chunk::<T, true, true, false>(&k, c)),
-            (Semantics::Textbook, false, Mean) => par::for_each(views, &|c| update_chunk::<T, true, false, false>(&k, c)),
-            (Semantics::OfficialCode, true, Max) => par::for_each(views, &|c| update_chunk::<T, false, true, true>(&k, c)),
-            (Semantics::OfficialCode, false, Max) => par::for_each(views, &|c| update_chunk::<T, false, false, true>(&k, c)),
+            (Semantics::Textbook, false, Mean) => {
+                par::for_each(views, &|c| update_chunk::<T, true, false, false>(&k, c))
+            }
+            (Semantics::OfficialCode, true, Max) => {
+                par::for_each(views, &|c| update_chunk::<T, false, true, true>(&k, c))
+            }
+            (Semantics::OfficialCode, false, Max) => {
+                par::for_each(views, &|c| update_chunk::<T, false, false, true>(&k, c))
+            }
             (Semantics::Textbook, true, Max) => par::for_each(views, &|c| update_chunk::<T, true, true, true>(&k, c)),
             (Semantics::Textbook, false, Max) => par::for_each(views, &|c| update_chunk::<T, true, false, true>(&k, c)),
         }

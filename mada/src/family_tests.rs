@@ -116,13 +116,7 @@ fn finite_difference(f: impl Fn(f64) -> f64, x: f64, delta: f64) -> f64 {
     (4.0 * d(delta / 2.0) - d(delta)) / 3.0
 }
 
-fn analytic_hypergradient(
-    elems: &[Elem],
-    t: u64,
-    lr: f64,
-    q: Coefficients,
-    variant: Variant,
-) -> ([f64; 6], Vec<f64>) {
+fn analytic_hypergradient(elems: &[Elem], t: u64, lr: f64, q: Coefficients, variant: Variant) -> ([f64; 6], Vec<f64>) {
     let mut opt = optimizer_in_state(elems, t - 1, q, variant);
     let mut x = vec![0.0; elems.len()];
     let g: Vec<f64> = elems.iter().map(|e| e.g).collect();
@@ -222,7 +216,8 @@ fn the_stop_gradient_on_the_mean_matters() {
         qq.beta2 = x;
         let k = Scalars::<f64>::new(&qq, t, lr, &config);
         let e = elems[0];
-        e.w * (-lr * element_update::<f64, false, false>(&k, e.g, e.m, e.v_old, e.v_mean, e.n, e.g_prev, e.lion_m, None).u)
+        e.w * (-lr
+            * element_update::<f64, false, false>(&k, e.g, e.m, e.v_old, e.v_mean, e.n, e.g_prev, e.lion_m, None).u)
     };
     let fd_full = finite_difference(full, q.beta2, 1e-4);
     let detached = finite_difference(
@@ -300,4 +295,22 @@ fn a_tie_of_the_running_max_takes_half_the_derivative() {
     let (tie, below, above) = (h(v_t), h(v_t * (1.0 - 1e-12)), h(v_t * (1.0 + 1e-12)));
     assert!((tie[1] - 0.5 * (below[1] + above[1])).abs() < 1e-9 * tie[1].abs(), "{tie:?} {below:?} {above:?}");
     assert!((below[1] - above[1]).abs() > 1e-3 * below[1].abs());
+}
+
+/// A second moment that underflowed to 0 (zero gradients for long enough, in f32) has no
+/// derivative through √v̂: its element contributes 0 there instead of NaN, and the rest of the
+/// tensor's hyper-gradient is unchanged.
+#[test]
+fn an_underflowed_second_moment_gives_a_finite_hypergradient() {
+    let q = Coefficients { beta1: 0.86, beta2: 0.59, beta3: 0.0, rho: 1.0, c: 1.0, gamma: 1.0 };
+    let healthy = Elem { g: 0.3, m: 0.1, v_old: 0.2, v_mean: 0.2, n: 0.0, g_prev: 0.1, lion_m: 0.0, w: 0.7 };
+    let dead = Elem { g: 0.0, m: 1e-3, v_old: 0.0, v_mean: 0.0, n: 0.0, g_prev: 0.0, lion_m: 0.0, w: 0.4 };
+    let (both, _) = analytic_hypergradient(&[healthy, dead], 30, 0.1, q, OFFICIAL);
+    assert!(both.iter().all(|h| h.is_finite()), "{both:?}");
+    let (alone, _) = analytic_hypergradient(&[healthy], 30, 0.1, q, OFFICIAL);
+    // Only β1 (through m̂, not √v̂) and γ see the dead element.
+    for i in [1, 2, 3, 4] {
+        assert!((both[i] - alone[i]).abs() <= 1e-15 * alone[i].abs(), "coefficient {i}: {both:?} vs {alone:?}");
+    }
+    assert!(both[0] != alone[0] && both[5] != alone[5]);
 }

@@ -1,5 +1,6 @@
 //! The hyper-optimizer: one projected SGD step (with optional heavy-ball momentum) on the
-//! coefficients after each model update (digest §5.3).
+//! coefficients after each model update (official code: `gdtuo.SGDPerParamMo` and the loops of
+//! `train.py` / `train_ddp.py`, repository amazon-science/mada_optimizer_search at 2beded8).
 
 use serde::{Deserialize, Serialize};
 
@@ -62,7 +63,8 @@ impl HyperConfig {
         s
     }
 
-    /// One of the official scripts' hyper-optimizers (digest §5.3) — the one definition the
+    /// One of the official scripts' hyper-optimizers (`train_ddp.py`, `train.py`, `amsgrad_toy.py`
+    /// at 2beded8) — the one definition the
     /// experiment catalog refers to by name (`hyper = { preset = "train_ddp" }`).
     pub const fn official(preset: OfficialHyper) -> Self {
         match preset {
@@ -151,7 +153,7 @@ impl Default for HyperConfig {
     }
 }
 
-/// The hyper-optimizers of the official scripts (digest §5.3).
+/// The hyper-optimizers of the official scripts (repository amazon-science/mada_optimizer_search).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OfficialHyper {

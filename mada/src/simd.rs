@@ -1,10 +1,12 @@
-//! Kernels compiled twice: for the portable x86-64 baseline and for AVX2, chosen at run time.
+//! Kernels compiled three times: for the portable x86-64 baseline, for AVX2 and for AVX-512F,
+//! chosen at run time.
 //!
 //! The kernels are plain loops that LLVM vectorizes. Built for the baseline they get 128-bit
-//! vectors; their AVX2 twins run the same loops on 256-bit vectors. Results are bit-identical
-//! either way: every operation is IEEE (add, mul, div, sqrt, compare), Rust never contracts
-//! a·b + c into an FMA, and the reductions fix their lane order in code. Setting the
-//! environment variable `MADA_NO_AVX2` forces the baseline kernels (for comparisons).
+//! vectors; their AVX2 and AVX-512 twins run the same loops on 256- and 512-bit vectors. Results
+//! are bit-identical whichever runs: every operation is IEEE (add, mul, div, sqrt, compare), Rust
+//! never contracts a·b + c into an FMA, and the reductions fix their lane order in code. Setting
+//! the environment variable `MADA_NO_AVX512` forces the AVX2 kernels, `MADA_NO_AVX2` the baseline
+//! ones (for comparisons).
 
 use std::sync::OnceLock;
 
@@ -42,8 +44,8 @@ pub fn has_avx2() -> bool {
 }
 
 /// `simd_kernel!(pub(crate) fn name[generics](args) -> Ret = inner[generic args]);` defines
-/// `name`, which calls the `#[inline(always)]` kernel `inner` compiled with AVX2 when
-/// [`has_avx2`] and as built otherwise.
+/// `name`, which calls the `#[inline(always)]` kernel `inner` compiled with AVX-512F when
+/// [`has_avx512`], with AVX2 when [`has_avx2`], and as built otherwise.
 macro_rules! simd_kernel {
     ($vis:vis fn $name:ident [$($gen:tt)*] ($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? = $inner:ident [$($call:tt)*]) => {
         $vis fn $name<$($gen)*>($($arg: $ty),*) $(-> $ret)? {

@@ -186,7 +186,8 @@ impl HyperSpec {
 impl MadaSpec {
     /// The optimizer this spec describes.
     pub fn build<T: Float>(&self) -> Result<Mada<T>, OptimError> {
-        let config = MadaConfig { eps: self.eps, semantics: self.semantics, running: self.running, ..MadaConfig::default() };
+        let config =
+            MadaConfig { eps: self.eps, semantics: self.semantics, running: self.running, ..MadaConfig::default() };
         Mada::new(config, self.hyper.to_config()?, self.coefficients)
     }
 }

@@ -1,4 +1,4 @@
-//! The golden vectors of the digest's Appendix B: the official `gdtuo.Meta` (HEAD 2beded8) run
+//! Golden vectors of the official `gdtuo.Meta` (HEAD 2beded8) run
 //! unmodified in float64 on a 3-parameter problem with a time-varying target, in three
 //! configurations. Checked here: the loss and gradient seen at each step, the hyper-gradient
 //! the hyper-step used, the coefficients after the hyper-step and clamp, and the parameters

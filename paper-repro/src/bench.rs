@@ -83,7 +83,7 @@ fn matmul_gflops(reps: usize) -> Result<f64> {
 
 /// Run the benchmark; `data` is a scratch folder for the benchmark's corpus.
 pub fn run(scratch: &Path, steps: u64) -> Result<()> {
-    let macbeth = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("data/macbeth.txt"))?;
+    let macbeth = crate::data::embedded::MACBETH.to_string();
     let corpus = scratch.join("bench-char");
     let meta = prepare(&[macbeth], Tokenizer::Char, &corpus, "macbeth")?;
     let threads = rayon::current_num_threads();
@@ -106,7 +106,8 @@ pub fn run(scratch: &Path, steps: u64) -> Result<()> {
         println!("baby-gpt tokens/s ({name}): {tps:.0}");
         println!("  batch 8 × 256 tokens: forward+backward {:.0} ms, optimizer (hyper-gradient, clip, decay, update) {:.1} ms", model * 1e3, optim * 1e3);
     }
-    let fashion = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/fashion-mnist-mini");
+    let fashion = scratch.join("fashion-mnist-mini");
+    crate::data::embedded::write_fashion_mnist_mini(&fashion)?;
     for (model_name, model) in [
         ("cnn", VisionModelConfig::cnn()),
         ("resnet", VisionModelConfig::Resnet { blocks: vec![1, 1, 1], widths: vec![16, 32, 64] }),

@@ -318,7 +318,9 @@ pub fn read(path: &Path) -> Result<Experiment> {
         }
         let is_max = matches!(&o.spec, OptimizerSpec::Mada(m) if m.running == RunningMoment::Max);
         if (o.role == Role::MadaMax) != is_max {
-            bail!("{p}: optimizer `{key}`: role mada-max goes with a MADA spec with running = \"max\", and only with it");
+            bail!(
+                "{p}: optimizer `{key}`: role mada-max goes with a MADA spec with running = \"max\", and only with it"
+            );
         }
     }
     for role in [Role::Adam, Role::Mada] {
@@ -398,7 +400,9 @@ impl Experiment {
     pub fn plan(&self, tier: Tier, runs_root: &Path) -> Result<Vec<PlannedRun>> {
         let Some(t) = self.tiers.get(&tier) else { return Ok(Vec::new()) };
         let Some(base) = self.run_table(tier) else { return Ok(Vec::new()) };
-        let mut points: Vec<(Option<(f64, f64)>, Option<&[u64]>)> = match &t.grid {
+        // (grid cell, the cell's own seeds for replicates).
+        type Point<'s> = (Option<(f64, f64)>, Option<&'s [u64]>);
+        let mut points: Vec<Point> = match &t.grid {
             Some(g) => g.beta1.iter().flat_map(|&b1| g.beta2.iter().map(move |&b2| (Some((b1, b2)), None))).collect(),
             None => vec![(None, None)],
         };
@@ -413,7 +417,9 @@ impl Experiment {
                 Some(over) => {
                     let mut table = toml::Table::try_from(&named.spec)?;
                     table.extend(over.clone());
-                    table.try_into().with_context(|| format!("{}: tier `{tier}`: overrides of `{key}`", self.file.display()))?
+                    table
+                        .try_into()
+                        .with_context(|| format!("{}: tier `{tier}`: overrides of `{key}`", self.file.display()))?
                 }
             };
             let tier_seeds = t.optimizer_seeds.get(key).unwrap_or(&t.seeds);
@@ -546,7 +552,10 @@ task = { model = { n_embd = 16 } }
         let at = runs.iter().find(|r| r.seed == 1 && r.grid_point == Some((0.5, 0.99))).unwrap();
         let OptimizerSpec::Mada(m) = &at.spec.optimizer else { panic!() };
         assert_eq!((m.coefficients.beta1, m.coefficients.beta2), (0.5, 0.99));
-        assert_eq!(runs.iter().filter(|r| r.grid_point == Some((0.5, 0.9))).map(|r| r.seed).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(
+            runs.iter().filter(|r| r.grid_point == Some((0.5, 0.9))).map(|r| r.seed).collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
         // The tier's run table changed one key of the defaults' nested task table.
         let Task::Lm { model, eval_batch, .. } = &runs[0].spec.task else { panic!() };
         assert_eq!((model.n_embd, model.block_size, *eval_batch, runs[0].spec.updates), (16, 8, 1, 3));

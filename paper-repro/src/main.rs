@@ -113,6 +113,19 @@ enum Command {
         #[command(flatten)]
         at: Where,
     },
+    /// List the runs a tier plans (and what each folder holds), without running anything.
+    Plan {
+        #[arg(value_enum, default_value = "cpu")]
+        tier: Tier,
+        /// Only this artifact.
+        #[arg(long)]
+        only: Option<String>,
+        /// Also write each run's spec here as <artifact>-<label>-s<seed>.json.
+        #[arg(long)]
+        specs: Option<PathBuf>,
+        #[command(flatten)]
+        at: Where,
+    },
     /// Regenerate a tier's tables from its existing runs.
     Tables {
         #[arg(value_enum, default_value = "cpu")]
@@ -153,8 +166,9 @@ fn read_spec(path: &Path) -> Result<RunSpec> {
     } else {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
         if path.extension().is_some_and(|e| e == "toml") {
-            toml::from_str(&text)
-                .with_context(|| format!("invalid run spec {} (read as TOML because of its .toml extension)", path.display()))?
+            toml::from_str(&text).with_context(|| {
+                format!("invalid run spec {} (read as TOML because of its .toml extension)", path.display())
+            })?
         } else {
             serde_json::from_str(&text).with_context(|| {
                 format!("invalid run spec {} (read as JSON: only a .toml extension selects TOML)", path.display())
@@ -228,7 +242,13 @@ fn run(cli: Cli) -> Result<()> {
                 .map(|p| std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display())))
                 .collect::<Result<_>>()?;
             let m = prepare(&docs, tokenizer, &out, &format!("{} file(s)", inputs.len()))?;
-            println!("{}: vocabulary {}, {} train / {} val tokens", out.display(), m.vocab.size(), m.train_tokens, m.val_tokens);
+            println!(
+                "{}: vocabulary {}, {} train / {} val tokens",
+                out.display(),
+                m.vocab.size(),
+                m.train_tokens,
+                m.val_tokens
+            );
             Ok(())
         }
         Command::Train { spec, out, resume, pause_after, dump_batches, auto, progress_lines } => {
@@ -252,9 +272,10 @@ fn run(cli: Cli) -> Result<()> {
             let opts = Options { only, jobs: jobs.unwrap_or_else(|| default_jobs(&devices)), exe: None };
             let o = reproduce(&paths, tier, &opts)?;
             println!(
-                "reproduce {tier}: {}/{} runs finished; report: {}",
+                "reproduce {tier}: {}/{} runs finished{}; report: {}",
                 o.runs_finished,
                 o.runs_total,
+                if o.runs_diverged > 0 { format!(", {} diverged", o.runs_diverged) } else { String::new() },
                 paths.report(tier).display()
             );
             if !o.failures.is_empty() {
@@ -262,6 +283,24 @@ fn run(cli: Cli) -> Result<()> {
                     eprintln!("failed: {f}");
                 }
                 anyhow::bail!("{} failures (see the report)", o.failures.len());
+            }
+            Ok(())
+        }
+        Command::Plan { tier, only, specs, at } => {
+            let paths = at.paths();
+            for e in paper_repro::catalog::load(&paths.experiments)?
+                .iter()
+                .filter(|e| only.as_ref().is_none_or(|o| *o == e.artifact))
+            {
+                for r in e.plan(tier, &paths.runs)? {
+                    let state = paper_repro::results::runs::RunData::read(&r)?.status;
+                    println!("{} {} seed {}: {} ({state:?})", e.artifact, r.spec.label, r.seed, r.dir.display());
+                    if let Some(dir) = &specs {
+                        let name = r.dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+                        let file = dir.join(format!("{}-{name}.json", e.artifact));
+                        outputs::write_atomically(&file, serde_json::to_string_pretty(&r.spec)?.as_bytes())?;
+                    }
+                }
             }
             Ok(())
         }
@@ -296,11 +335,17 @@ fn run(cli: Cli) -> Result<()> {
 fn main() -> ExitCode {
     // SAFETY: setting an allocator option before any other thread exists.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    paper_repro::models::ops::init_compute_threads();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            // A run that diverged is a result, not a broken pipeline: its own exit code.
+            if e.downcast_ref::<paper_repro::run::Diverged>().is_some() {
+                ExitCode::from(paper_repro::reproduce::DIVERGED_EXIT)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -27,17 +27,30 @@ use crate::paths::Paths;
 use crate::results::report;
 use crate::run::spec::{DeviceKind, Task};
 use crate::run::workload::device;
-use crate::run::{train, RunDir, Start, TrainOptions};
+use crate::run::{train, Diverged, RunDir, Start, TrainOptions};
 
 fn style(template: &str) -> ProgressStyle {
     ProgressStyle::with_template(template).expect("valid template").progress_chars("=> ")
 }
 
+/// The exit code of a `paper-repro train` whose run diverged.
+pub const DIVERGED_EXIT: u8 = 3;
+
 /// What `reproduce` did.
 pub struct Outcome {
     pub runs_total: usize,
+    /// Runs with a result: finished, or diverged (a result too, in a robustness grid).
     pub runs_finished: usize,
+    pub runs_diverged: usize,
     pub failures: Vec<String>,
+}
+
+/// Finished, diverged, and the failures of some runs.
+#[derive(Default)]
+struct Tally {
+    finished: usize,
+    diverged: usize,
+    failures: Vec<String>,
 }
 
 /// How `reproduce` runs the training runs.
@@ -68,8 +81,10 @@ pub fn default_jobs(tier_devices: &[DeviceKind]) -> usize {
 
 /// Run the tier, then regenerate everything.
 pub fn reproduce(paths: &Paths, tier: Tier, opts: &Options) -> Result<Outcome> {
-    let experiments: Vec<Experiment> =
-        catalog::load(&paths.experiments)?.into_iter().filter(|e| opts.only.as_ref().is_none_or(|o| *o == e.artifact)).collect();
+    let experiments: Vec<Experiment> = catalog::load(&paths.experiments)?
+        .into_iter()
+        .filter(|e| opts.only.as_ref().is_none_or(|o| *o == e.artifact))
+        .collect();
     if experiments.is_empty() {
         bail!("no experiment in {} matches", paths.experiments.display());
     }
@@ -86,13 +101,16 @@ pub fn reproduce(paths: &Paths, tier: Tier, opts: &Options) -> Result<Outcome> {
     std::fs::create_dir_all(&paths.runs).with_context(|| format!("cannot create {}", paths.runs.display()))?;
     let _lock = FolderLock::acquire(&paths.runs, "runs root")?;
 
-    let runs: Vec<PlannedRun> =
-        plans.iter().filter(|(e, _)| matches!(e.kind, Kind::Training | Kind::Grid)).flat_map(|(_, p)| p.clone()).collect();
+    let runs: Vec<PlannedRun> = plans
+        .iter()
+        .filter(|(e, _)| matches!(e.kind, Kind::Training | Kind::Grid))
+        .flat_map(|(_, p)| p.clone())
+        .collect();
     let multi = MultiProgress::new();
     if !std::io::stderr().is_terminal() {
         multi.set_draw_target(ProgressDrawTarget::hidden());
     }
-    let (runs_finished, mut failures) = if opts.jobs <= 1 {
+    let Tally { finished: runs_finished, diverged: runs_diverged, mut failures } = if opts.jobs <= 1 {
         train_here(&runs, &multi)
     } else {
         let exe = match &opts.exe {
@@ -113,7 +131,9 @@ pub fn reproduce(paths: &Paths, tier: Tier, opts: &Options) -> Result<Outcome> {
                     failures.push(format!("{}: the experiment has no [reddi] settings", e.artifact));
                     continue;
                 };
-                if let Err(err) = analysis::report::reddi_outputs(&paths.analysis(tier), settings, steps, (steps / 2000).max(1)) {
+                if let Err(err) =
+                    analysis::report::reddi_outputs(&paths.analysis(tier), settings, steps, (steps / 2000).max(1))
+                {
                     failures.push(failed(err));
                 }
             }
@@ -124,7 +144,9 @@ pub fn reproduce(paths: &Paths, tier: Tier, opts: &Options) -> Result<Outcome> {
                 };
                 let slots = paths.reference().join("paper-bounds.toml");
                 match multi.suspend(|| analysis::report::run(&paths.analysis(tier), settings, &slots)) {
-                    Ok(o) if o.violations > 0 => failures.push(format!("{}: {} bound violations", e.artifact, o.violations)),
+                    Ok(o) if o.violations > 0 => {
+                        failures.push(format!("{}: {} bound violations", e.artifact, o.violations))
+                    }
                     Ok(_) => {}
                     Err(err) => failures.push(failed(err)),
                 }
@@ -132,7 +154,7 @@ pub fn reproduce(paths: &Paths, tier: Tier, opts: &Options) -> Result<Outcome> {
         }
     }
     report::regenerate(paths, tier, &failures)?;
-    Ok(Outcome { runs_total: runs.len(), runs_finished, failures })
+    Ok(Outcome { runs_total: runs.len(), runs_finished, runs_diverged, failures })
 }
 
 fn run_bar(multi: &MultiProgress, run: &PlannedRun) -> ProgressBar {
@@ -157,24 +179,28 @@ fn failure(run: &PlannedRun, err: impl std::fmt::Display) -> String {
 }
 
 /// Every run in this process, in order.
-fn train_here(runs: &[PlannedRun], multi: &MultiProgress) -> (usize, Vec<String>) {
-    let (mut finished, mut failures) = (0, Vec::new());
+fn train_here(runs: &[PlannedRun], multi: &MultiProgress) -> Tally {
+    let mut tally = Tally::default();
     for (i, run) in runs.iter().enumerate() {
         let bar = run_bar(multi, run);
         match train(&run.spec, &run.dir, &TrainOptions::new(Start::Auto, &bar)) {
             Ok(_) => {
-                finished += 1;
+                tally.finished += 1;
                 announce(multi, run, i + 1, runs.len(), "finished");
+            }
+            Err(err) if err.downcast_ref::<Diverged>().is_some() => {
+                tally.diverged += 1;
+                announce(multi, run, i + 1, runs.len(), &format!("diverged ({err:#})"));
             }
             Err(err) => {
                 announce(multi, run, i + 1, runs.len(), "failed");
-                failures.push(failure(run, format!("{err:#}")));
+                tally.failures.push(failure(run, format!("{err:#}")));
             }
         }
         bar.finish_and_clear();
         multi.remove(&bar);
     }
-    (finished, failures)
+    tally
 }
 
 /// The run folders a run starts from (its `init_from` when that is a run of the catalog).
@@ -238,11 +264,11 @@ fn train_in_workers(
     jobs: usize,
     threads: usize,
     multi: &MultiProgress,
-) -> Result<(usize, Vec<String>)> {
+) -> Result<Tally> {
     let mut pending: Vec<usize> = (0..runs.len()).collect();
     let mut failed_dirs: BTreeSet<PathBuf> = BTreeSet::new();
     let mut workers: Vec<Worker> = Vec::new();
-    let (mut finished, mut failures, mut done) = (0, Vec::new(), 0);
+    let (mut tally, mut done) = (Tally::default(), 0);
     while !pending.is_empty() || !workers.is_empty() {
         // Start what is ready.
         while workers.len() < jobs {
@@ -254,7 +280,7 @@ fn train_in_workers(
             if let Some(d) = dependencies(&runs[i], runs).into_iter().find(|d| failed_dirs.contains(d)) {
                 failed_dirs.insert(runs[i].dir.clone());
                 done += 1;
-                failures.push(failure(&runs[i], format!("its start {} failed", d.display())));
+                tally.failures.push(failure(&runs[i], format!("its start {} failed", d.display())));
                 continue;
             }
             workers.push(start_worker(exe, &runs[i], i, threads, multi)?);
@@ -273,21 +299,30 @@ fn train_in_workers(
                     w.bar.finish_and_clear();
                     multi.remove(&w.bar);
                     if status.success() {
-                        finished += 1;
+                        tally.finished += 1;
                         announce(multi, run, done, runs.len(), "finished");
+                    } else if status.code() == Some(DIVERGED_EXIT as i32) {
+                        tally.diverged += 1;
+                        announce(multi, run, done, runs.len(), "diverged");
                     } else {
                         // The worker's stderr reader may still be draining: give it a moment.
                         std::thread::sleep(std::time::Duration::from_millis(50));
                         let text = w.stderr.lock().expect("stderr").clone();
-                        let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("the worker died").trim().to_string();
+                        let last = text
+                            .lines()
+                            .rev()
+                            .find(|l| !l.trim().is_empty())
+                            .unwrap_or("the worker died")
+                            .trim()
+                            .to_string();
                         announce(multi, run, done, runs.len(), "failed");
                         failed_dirs.insert(run.dir.clone());
-                        failures.push(failure(run, last.trim_start_matches("error: ")));
+                        tally.failures.push(failure(run, last.trim_start_matches("error: ")));
                     }
                 }
             }
         }
         workers = still;
     }
-    Ok((finished, failures))
+    Ok(tally)
 }

@@ -10,8 +10,8 @@ use paper_repro::data::text::{prepare, Tokenizer};
 use paper_repro::data::vision::{write_idx_pair, VisionData};
 use paper_repro::models::gpt::GptConfig;
 use paper_repro::models::vision::VisionModelConfig;
-use paper_repro::run::spec::{ClipMode, DeviceKind, Precision, RunSpec, Schedule, Task, TextData};
 use paper_repro::run::log::{read_rows, LogRow};
+use paper_repro::run::spec::{ClipMode, DeviceKind, Precision, RunSpec, Schedule, Task, TextData};
 use paper_repro::run::{Outcome, RunResult, Start, TrainOptions};
 
 fn corpus(dir: &Path) {
@@ -108,11 +108,7 @@ fn a_paused_run_resumes_bit_identically() {
     }
     // Logs equal except the wall-clock columns.
     let strip = |p: &Path| -> Vec<String> {
-        std::fs::read_to_string(p)
-            .unwrap()
-            .lines()
-            .map(|l| l.rsplitn(3, ',').nth(2).unwrap().to_string())
-            .collect()
+        std::fs::read_to_string(p).unwrap().lines().map(|l| l.rsplitn(3, ',').nth(2).unwrap().to_string()).collect()
     };
     assert_eq!(strip(&dir.path().join("straight/log.csv")), strip(&dir.path().join("paused/log.csv")));
     assert_eq!(
@@ -207,4 +203,104 @@ fn a_spec_with_a_bad_setting_is_refused_before_training() {
     };
     let e = format!("{:#}", train(&spec, &dir.path().join("run2"), None).unwrap_err());
     assert!(e.contains("missing/train.bin"), "{e}");
+}
+
+/// The official `train_ddp.py` hyper-gradient, built by brute force: every rank's first
+/// micro-batch after update 1, each rank's hyper-gradient of its own per-rank-mean loss
+/// (1/(grad_accum/ranks) of the micro-batch's), then the mean over the ranks. The training loop
+/// (ranks emulated on one device) must take exactly this hyper-step.
+#[test]
+fn the_emulated_ranks_take_the_official_hyper_gradient() {
+    use paper_repro::run::workload::MicroBatch;
+    use paper_repro::run::Trainer;
+    let dir = tempfile::tempdir().unwrap();
+    corpus(&dir.path().join("data"));
+    for (ranks, grad_accum) in [(1u64, 1u64), (1, 2), (2, 4), (4, 8)] {
+        let mut spec = lm_spec(&dir.path().join("data"), MADA, 4);
+        (spec.ranks, spec.grad_accum) = (ranks, grad_accum);
+        // Update 1 has lr 0 (warm-up): the hyper-gradient taken before update 3 is of update 2.
+        let mut looped = Trainer::new(&spec).unwrap();
+        looped.step(0).unwrap();
+        looped.step(1).unwrap();
+        let h_loop = looped.step(2).unwrap().hyper.gradient;
+
+        let mut brute = Trainer::new(&spec).unwrap();
+        brute.step(0).unwrap();
+        brute.step(1).unwrap();
+        let per_rank = (grad_accum / ranks) as f64;
+        let mut official = [0.0f64; 6];
+        for rank in 0..ranks {
+            let mb = MicroBatch { step: 2, rank, ranks, local: 0 };
+            let (loss, _, _) = brute.work.micro_loss(mb, grad_accum).unwrap();
+            let grads = loss.backward().unwrap();
+            let h = brute
+                .opt
+                .with_gradients(&grads, |o, g| o.as_mada().unwrap().hypergradient(g))
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            for (o, x) in official.iter_mut().zip(h) {
+                *o += x / per_rank / ranks as f64;
+            }
+        }
+        for i in 0..6 {
+            let (a, b) = (h_loop[i], official[i]);
+            assert!(
+                (a - b).abs() <= 1e-12 * b.abs().max(1e-300),
+                "ranks {ranks}, grad_accum {grad_accum}, coefficient {i}: {a} vs {b}"
+            );
+        }
+        assert!(official.iter().any(|h| *h != 0.0));
+    }
+}
+
+/// Per-rank clipping (`clip_mode = "per-rank"`): each rank's mean gradient is clipped before
+/// the ranks are averaged, as `train_ddp.py` clips before its all-reduce — checked through the
+/// update SGD takes (x ← x − lr·g).
+#[test]
+fn per_rank_clipping_clips_each_rank_before_the_average() {
+    use candle_core::backprop::GradStore;
+    use paper_repro::run::spec::ClipMode;
+    use paper_repro::run::workload::MicroBatch;
+    use paper_repro::run::Trainer;
+    let dir = tempfile::tempdir().unwrap();
+    corpus(&dir.path().join("data"));
+    let mut spec = lm_spec(&dir.path().join("data"), r#"{"name": "sgd"}"#, 2);
+    (spec.ranks, spec.grad_accum, spec.clip_mode, spec.grad_clip, spec.weight_decay) =
+        (2, 4, ClipMode::PerRank, 0.05, 0.0);
+    spec.schedule = Schedule { lr: 0.5, min_lr: 0.5, warmup: 0, decay_until: 0, in_micro_steps: false };
+    let mut tr = Trainer::new(&spec).unwrap();
+    let vars = tr.work.params().vars();
+    let before: Vec<Vec<f32>> = vars.iter().map(|v| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()).collect();
+    let mut expected: Vec<Vec<f64>> = before.iter().map(|b| vec![0.0; b.len()]).collect();
+    for rank in 0..2 {
+        // The rank's mean gradient over its two micro-batches.
+        let mut sum: Vec<Vec<f64>> = before.iter().map(|b| vec![0.0; b.len()]).collect();
+        for local in 0..2 {
+            let (loss, _, _) = tr.work.micro_loss(MicroBatch { step: 0, rank, ranks: 2, local }, 4).unwrap();
+            let g: GradStore = loss.backward().unwrap();
+            for (s, v) in sum.iter_mut().zip(&vars) {
+                let gv: Vec<f32> = g.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                s.iter_mut().zip(gv).for_each(|(a, b)| *a += b as f64 / 2.0);
+            }
+        }
+        let norm = sum.iter().flatten().map(|x| x * x).sum::<f64>().sqrt();
+        assert!(norm > spec.grad_clip, "the test needs clipping to act ({norm})");
+        let scale = spec.grad_clip / (norm + 1e-6);
+        for (e, s) in expected.iter_mut().zip(&sum) {
+            e.iter_mut().zip(s).for_each(|(a, b)| *a += b * scale / 2.0);
+        }
+    }
+    tr.step(0).unwrap();
+    let mut worst = 0.0f64;
+    let expected_norm = expected.iter().flatten().map(|x| x * x).sum::<f64>().sqrt();
+    for ((v, b), e) in vars.iter().zip(&before).zip(&expected) {
+        let after: Vec<f32> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        for ((x, y), g) in after.iter().zip(b).zip(e) {
+            let taken = (*y as f64 - *x as f64) / 0.5;
+            worst = worst.max((taken - g).abs());
+        }
+    }
+    // The update is read back from f32 parameters: compare against the update's own scale.
+    assert!(worst <= 1e-4 * expected_norm, "worst |taken − expected| {worst:e}, ‖expected‖ {expected_norm:e}");
 }

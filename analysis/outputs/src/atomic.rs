@@ -38,8 +38,10 @@ pub fn remove_stale_temporaries(dir: &Path) -> Result<()> {
     let Ok(entries) = std::fs::read_dir(dir) else { return Ok(()) };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        let is_temporary =
-            name.starts_with('.') && name.rsplit_once(".tmp").is_some_and(|(_, pid)| pid.chars().all(|c| c.is_ascii_digit()) && !pid.is_empty());
+        let is_temporary = name.starts_with('.')
+            && name
+                .rsplit_once(".tmp")
+                .is_some_and(|(_, pid)| pid.chars().all(|c| c.is_ascii_digit()) && !pid.is_empty());
         if is_temporary && e.file_type().is_ok_and(|t| t.is_file()) {
             std::fs::remove_file(e.path()).with_context(|| format!("cannot remove {}", e.path().display()))?;
         }

@@ -79,4 +79,3 @@ pub fn prepare_default_corpora(raw: Option<PathBuf>) -> Result<()> {
     }
     Ok(())
 }
-

@@ -276,7 +276,8 @@ pub fn prepare(documents: &[String], tokenizer: Tokenizer, out: &Path, source: &
         Tokenizer::Ascii => {
             let chars = ascii_alphabet();
             let text: String = documents.join("\n\n");
-            let tokens: Vec<u32> = text.chars().filter_map(|c| chars.binary_search(&c).ok().map(|i| i as u32)).collect();
+            let tokens: Vec<u32> =
+                text.chars().filter_map(|c| chars.binary_search(&c).ok().map(|i| i as u32)).collect();
             if tokens.len() < 2 {
                 bail!("no ASCII text to prepare");
             }

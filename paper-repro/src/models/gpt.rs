@@ -102,7 +102,6 @@ pub struct Gpt {
     ln_f: LayerNorm,
 }
 
-
 impl Gpt {
     /// A freshly initialized model (nanoGPT: N(0, 0.02), residual projections
     /// N(0, 0.02/√(2·n_layer)), zero biases, unit LayerNorm gains), seeded.
@@ -229,7 +228,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn paper_configs_report_the_digest_parameter_counts() {
+    fn paper_configs_report_nanogpts_parameter_counts() {
         assert_eq!(GptConfig::gpt2_124m().num_params(false), 124_373_760);
         assert_eq!(GptConfig::gpt2_124m().num_params(true), 123_587_328);
         assert_eq!(GptConfig::gpt2_355m().num_params(false), 354_599_936);

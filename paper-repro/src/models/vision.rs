@@ -1,7 +1,7 @@
 //! Vision models: a small CNN and CIFAR-style ResNets (ResNet-20, ResNet-18 and smaller
 //! variants as configs), with batch normalization in training and evaluation modes.
 //!
-//! The paper's vision setup is unknown (digest §8.7); these are standard choices, stated in the
+//! The paper's vision setup is unknown (the official repository has no vision code); these are standard choices, stated in the
 //! experiment specs and flagged in the report.
 
 use anyhow::{bail, Result};

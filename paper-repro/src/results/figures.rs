@@ -53,7 +53,9 @@ pub fn coefficient_panel(title: String, rows: &[(f64, [f64; 6])]) -> Panel {
         x_label: "optimizer updates".into(),
         y_label: "value".into(),
         y_range: Some((-0.05, 1.05)),
-        series: (0..6).map(|i| Series::line(COEFFICIENT_NAMES[i], rows.iter().map(|(s, q)| (*s, q[i])).collect())).collect(),
+        series: (0..6)
+            .map(|i| Series::line(COEFFICIENT_NAMES[i], rows.iter().map(|(s, q)| (*s, q[i])).collect()))
+            .collect(),
         ..Default::default()
     })
 }
@@ -103,10 +105,18 @@ pub fn training_figures(data: &ExperimentRuns<'_>, dir: &Path) -> Result<Vec<Pat
     Ok(out)
 }
 
+/// A run's coefficient trajectory with its title: (label, (update, q) rows).
+pub type Trajectory = (String, Vec<(f64, [f64; 6])>);
+
 /// `<dir>/coefficients_vs_official.{svg,png}`: the official GPT-2 124M MADA runs over their first
 /// `horizon` updates beside this tier's MADA runs over theirs, so that the speed of the
 /// coefficients can be compared update for update.
-pub fn coefficients_vs_official(ours: &[(String, Vec<(f64, [f64; 6])>)], official: &[OfficialRun], horizon: u64, dir: &Path) -> Result<Vec<PathBuf>> {
+pub fn coefficients_vs_official(
+    ours: &[Trajectory],
+    official: &[OfficialRun],
+    horizon: u64,
+    dir: &Path,
+) -> Result<Vec<PathBuf>> {
     let mut panels: Vec<Panel> = official
         .iter()
         .filter(|r| r.name.starts_with("MADA"))
@@ -133,7 +143,8 @@ pub fn grid_figure(artifact: &str, grids: &[GridSummary], dir: &Path) -> Result<
     let mut panels = Vec::new();
     for (what, val) in [("final train loss", false), ("final validation loss", true)] {
         let value = |c: &((f64, f64), (f64, f64))| if val { c.1 .1 } else { c.1 .0 };
-        let mut all: Vec<f64> = grids.iter().flat_map(|g| g.cells.iter().map(value)).filter(|v| v.is_finite()).collect();
+        let mut all: Vec<f64> =
+            grids.iter().flat_map(|g| g.cells.iter().map(value)).filter(|v| v.is_finite()).collect();
         all.sort_by(f64::total_cmp);
         let lo = all.first().copied().unwrap_or(0.0);
         let hi = all.get((all.len() * 9) / 10).copied().unwrap_or(1.0).max(lo + 1e-9);

@@ -27,9 +27,9 @@ pub const UPDATES_PER_ROW: u64 = 10;
 /// move fastest, then every 100th (1,000 updates).
 fn kept(row: usize) -> bool {
     if row <= 500 {
-        row % 10 == 0
+        row.is_multiple_of(10)
     } else {
-        row % 100 == 0
+        row.is_multiple_of(100)
     }
 }
 

@@ -15,7 +15,7 @@ use outputs::write_atomically;
 
 use crate::catalog::{self, Experiment, Kind, Role, Tier};
 use crate::paths::Paths;
-use crate::results::figures::{coefficients_vs_official, grid_figure, trajectory, training_figures};
+use crate::results::figures::{coefficients_vs_official, grid_figure, training_figures, trajectory};
 use crate::results::official;
 use crate::results::runs::{ExperimentRuns, RunData, RunStatus};
 use crate::results::stats::{paired, stat};
@@ -41,9 +41,10 @@ pub fn tables(paths: &Paths, tier: Tier) -> Result<usize> {
         let dir = paths.tables(tier);
         match e.kind {
             Kind::Training => comparison(&data).write(&dir)?,
-            Kind::Grid => {
-                write_atomically(&dir.join(format!("{}.md", e.artifact)), grid_markdown(&grid_summaries(&data)).as_bytes())?
-            }
+            Kind::Grid => write_atomically(
+                &dir.join(format!("{}.md", e.artifact)),
+                grid_markdown(&grid_summaries(&data)).as_bytes(),
+            )?,
             _ => continue,
         }
         n += 1 + write_coefficients(&data, &dir)? as usize;
@@ -80,7 +81,11 @@ pub fn figures(paths: &Paths, tier: Tier) -> Result<usize> {
 fn hardware() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     format!("{cpu}, {cores} cores")
@@ -91,7 +96,7 @@ fn hms(s: f64) -> String {
     format!("{}h{:02}m{:02}s", s / 3600, s / 60 % 60, s % 60)
 }
 
-/// A claim of the paper (digest §1) and the ledger's judgement of it.
+/// A claim of the paper (its abstract, paraphrased) and the ledger's judgement of it.
 pub struct Judgement {
     pub claim: u8,
     pub verdict: Verdict,
@@ -111,12 +116,19 @@ pub const CLAIMS: [&str; 6] = [
 ];
 
 /// The data of every experiment of `tier` that bears on `claim`.
-fn informing<'a>(all: &'a [(Experiment, Vec<RunData>)], claim: u8, kind: Kind) -> impl Iterator<Item = &'a (Experiment, Vec<RunData>)> {
+fn informing(
+    all: &[(Experiment, Vec<RunData>)],
+    claim: u8,
+    kind: Kind,
+) -> impl Iterator<Item = &(Experiment, Vec<RunData>)> {
     all.iter().filter(move |(e, runs)| e.kind == kind && e.claims.contains(&claim) && runs.iter().any(|r| r.finished()))
 }
 
 fn finals(runs: &[RunData], key: &str, e: &Experiment) -> Vec<(u64, f64)> {
-    runs.iter().filter(|r| r.finished() && r.key == key && r.grid_point.is_none()).map(|r| (r.seed, r.final_metric(e.metric))).collect()
+    runs.iter()
+        .filter(|r| r.finished() && r.key == key && r.grid_point.is_none())
+        .map(|r| (r.seed, r.final_metric(e.metric)))
+        .collect()
 }
 
 /// MADA against `keys` on one experiment (seed-matched, positive gain = MADA better).
@@ -131,7 +143,12 @@ fn mada_against(e: &Experiment, runs: &[RunData], others: &[&str]) -> Vec<Compar
         .filter_map(|k| {
             let o = finals(runs, k, e);
             (!o.is_empty()).then(|| {
-                Comparison::new(&e.artifact, (&e.optimizers[mada].label, &m), (&e.optimizers[*k].label, &o), e.metric.sign())
+                Comparison::new(
+                    &e.artifact,
+                    (&e.optimizers[mada].label, &m),
+                    (&e.optimizers[*k].label, &o),
+                    e.metric.sign(),
+                )
             })
         })
         .collect()
@@ -172,7 +189,10 @@ fn ledger(paths: &Paths, tier: Tier, all: &[(Experiment, Vec<RunData>)]) -> Resu
             let f = finals(runs, k, e);
             if !f.is_empty() && !adam.is_empty() {
                 let c = Comparison::new(&e.artifact, (&o.label, &f), ("Adam", &adam), e.metric.sign());
-                sensitivity.push(format!("not in the verdict: {}", c.describe(Outcome::Undecided).replace(" → inconclusive", "")));
+                sensitivity.push(format!(
+                    "not in the verdict: {}",
+                    c.describe(Outcome::Undecided).replace(" → inconclusive", "")
+                ));
             }
         }
     }
@@ -229,16 +249,23 @@ fn ledger(paths: &Paths, tier: Tier, all: &[(Experiment, Vec<RunData>)]) -> Resu
         comps.extend(mada_against(e, runs, &others));
         let Some(adam) = e.key_with_role(Role::Adam) else { continue };
         let a = finals(runs, adam, e);
-        let gain = |k: &str| stat(&paired(&finals(runs, k, e), &a).iter().map(|d| e.metric.sign() * d).collect::<Vec<_>>());
+        let gain =
+            |k: &str| stat(&paired(&finals(runs, k, e), &a).iter().map(|d| e.metric.sign() * d).collect::<Vec<_>>());
         let mg = gain(mada);
         ratios.push(format!("{}: MADA's gain over Adam {:+.4} ({})", e.artifact, mg.mean, seeds_word(mg.n)));
         for k in others.iter().filter(|k| !finals(runs, k, e).is_empty()) {
             let g = gain(k);
             ratios.push(match gain_ratio(&mg, &g) {
-                Some(r) => format!("{}: {}'s gain {:+.4} → MADA/{} = {r:.2}×", e.artifact, e.optimizers[*k].label, g.mean, e.optimizers[*k].label),
+                Some(r) => format!(
+                    "{}: {}'s gain {:+.4} → MADA/{} = {r:.2}×",
+                    e.artifact, e.optimizers[*k].label, g.mean, e.optimizers[*k].label
+                ),
                 None => format!(
                     "{}: {}'s gain {:+.4} ({}; its interval includes 0 or it loses: no ratio)",
-                    e.artifact, e.optimizers[*k].label, g.mean, seeds_word(g.n)
+                    e.artifact,
+                    e.optimizers[*k].label,
+                    g.mean,
+                    seeds_word(g.n)
                 ),
             });
         }
@@ -265,7 +292,12 @@ fn ledger(paths: &Paths, tier: Tier, all: &[(Experiment, Vec<RunData>)]) -> Resu
         if a.is_empty() || b.is_empty() {
             continue;
         }
-        comps.push(Comparison::new(&e.artifact, (&e.optimizers[mean].label, &a), (&e.optimizers[max].label, &b), e.metric.sign()));
+        comps.push(Comparison::new(
+            &e.artifact,
+            (&e.optimizers[mean].label, &a),
+            (&e.optimizers[max].label, &b),
+            e.metric.sign(),
+        ));
         for key in [mean, max] {
             let rho: Vec<(f64, f64)> = runs
                 .iter()
@@ -315,13 +347,14 @@ fn ledger(paths: &Paths, tier: Tier, all: &[(Experiment, Vec<RunData>)]) -> Resu
     let (verdict, evidence) = match &bounds {
         None => (Verdict::NotTested, vec!["the bound checks did not run at this tier".into()]),
         Some(b) => {
-            let best = b.interpolation.iter().map(|c| interpolation(c.interior, c.instances)).fold(Verdict::NotTested, |acc, x| {
-                match (acc, x) {
+            let best = b.interpolation.iter().map(|c| interpolation(c.interior, c.instances)).fold(
+                Verdict::NotTested,
+                |acc, x| match (acc, x) {
                     (Verdict::Supported, _) | (_, Verdict::Supported) => Verdict::Supported,
                     (Verdict::Inconclusive, _) | (_, Verdict::Inconclusive) => Verdict::Inconclusive,
                     _ => acc,
-                }
-            });
+                },
+            );
             let mut ev: Vec<String> = b
                 .interpolation
                 .iter()
@@ -363,11 +396,14 @@ fn diagnostics(r: &RunData) -> Option<(String, Vec<&'static str>)> {
     let early = (steps.len() / 10).max(1);
     let mut flags = Vec::new();
     let on_bound = steps[..early].iter().find_map(|l| {
-        mada::Coef::ALL.iter().find(|c| {
-            let i = c.index();
-            let q = l.coefficients[i];
-            l.hyper.clipped[i].is_some() && (q <= bounds.lo[i] || q >= bounds.hi[i])
-        }).map(|c| (c.name(), l.step))
+        mada::Coef::ALL
+            .iter()
+            .find(|c| {
+                let i = c.index();
+                let q = l.coefficients[i];
+                l.hyper.clipped[i].is_some() && (q <= bounds.lo[i] || q >= bounds.hi[i])
+            })
+            .map(|c| (c.name(), l.step))
     });
     if on_bound.is_some() {
         flags.push("on a box bound early");
@@ -376,7 +412,7 @@ fn diagnostics(r: &RunData) -> Option<(String, Vec<&'static str>)> {
     if min_gamma < 0.9 {
         flags.push("γ < 0.9");
     }
-    let clipped = steps.iter().filter(|l| l.hyper.clipped.iter().any(|c| *c == Some(true))).count();
+    let clipped = steps.iter().filter(|l| l.hyper.clipped.contains(&Some(true))).count();
     // Largest change of ρ over 100 updates.
     let rho: Vec<(u64, f64)> = r.log.iter().map(|l| (l.step, l.coefficients[3])).collect();
     let speed = rho
@@ -409,6 +445,7 @@ fn status_word(r: &RunData) -> String {
     match r.status {
         RunStatus::NotStarted => "not started".into(),
         RunStatus::Unfinished { updates } => format!("unfinished at update {updates}"),
+        RunStatus::Diverged { update } => format!("diverged at update {update}"),
         RunStatus::Finished => "finished".into(),
     }
 }
@@ -421,8 +458,10 @@ pub fn report(paths: &Paths, tier: Tier, failures: &[String]) -> Result<()> {
         let runs = ExperimentRuns::collect(&e, tier, paths)?.runs;
         all.push((e, runs));
     }
-    let mut commits: Vec<String> =
-        all.iter().flat_map(|(_, runs)| runs.iter().filter_map(|r| r.result.as_ref().map(|x| x.commit.clone()))).collect();
+    let mut commits: Vec<String> = all
+        .iter()
+        .flat_map(|(_, runs)| runs.iter().filter_map(|r| r.result.as_ref().map(|x| x.commit.clone())))
+        .collect();
     commits.sort();
     commits.dedup();
     let total_time: f64 = all.iter().flat_map(|(_, runs)| runs.iter().map(|r| r.elapsed_s())).sum();
@@ -453,8 +492,17 @@ pub fn report(paths: &Paths, tier: Tier, failures: &[String]) -> Result<()> {
         md,
         "This tier tests claims {}{}. Comparisons pair seeds; wins and losses are significant after Holm's correction \
          over all comparisons of a claim (α = 0.05); everything else is inconclusive.\n",
-        judgements.iter().filter(|j| j.verdict != Verdict::NotTested).map(|j| j.claim.to_string()).collect::<Vec<_>>().join(", "),
-        if untested.is_empty() { String::new() } else { format!("; it does not test claim(s) {}", untested.join(", ")) }
+        judgements
+            .iter()
+            .filter(|j| j.verdict != Verdict::NotTested)
+            .map(|j| j.claim.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        if untested.is_empty() {
+            String::new()
+        } else {
+            format!("; it does not test claim(s) {}", untested.join(", "))
+        }
     );
     md.push_str("| claim | verdict at this tier | evidence | rule |\n|---|---|---|---|\n");
     for j in &judgements {
@@ -474,10 +522,9 @@ pub fn report(paths: &Paths, tier: Tier, failures: &[String]) -> Result<()> {
         let _ = writeln!(
             md,
             "### MADA's coefficients beside the official runs\n\nThe official GPT-2 124M runs (8 GPUs, `train_ddp.py`'s \
-             hyper-optimizer; {}, extracted to `reports/reference/{OFFICIAL_GPT2}`) over as many updates as this tier's \
-             runs take, beside this tier's MADA runs.\n\n![coefficients beside the official runs](figures/coefficients_vs_official.png)\n",
-            "official repository commit 2beded8"
-        );
+             hyper-optimizer; official repository commit 2beded8, extracted to `reports/reference/{OFFICIAL_GPT2}`) over as many updates as this tier's \
+             runs take, beside this tier's MADA runs.\n\n![coefficients beside the official runs](figures/coefficients_vs_official.png)\n"
+);
     }
     for (e, runs) in &all {
         let _ = writeln!(md, "## {} (`{}`)\n\n*Paper artifact:* {}\n", e.title, e.artifact, e.paper);
@@ -497,7 +544,9 @@ pub fn report(paths: &Paths, tier: Tier, failures: &[String]) -> Result<()> {
                     "*What was run:* tier `{tier}`, {finished}/{} runs finished, {} of training, seeds {seeds:?}{}.\n",
                     runs.len(),
                     hms(data.elapsed_s()),
-                    e.run_table(tier).and_then(|r| r.get("updates").cloned()).map_or(String::new(), |u| format!(", {u} updates per run"))
+                    e.run_table(tier)
+                        .and_then(|r| r.get("updates").cloned())
+                        .map_or(String::new(), |u| format!(", {u} updates per run"))
                 );
                 let unfinished: Vec<String> = runs
                     .iter()
@@ -526,8 +575,11 @@ pub fn report(paths: &Paths, tier: Tier, failures: &[String]) -> Result<()> {
                     md.push_str(&grid_markdown(&grid_summaries(&data)));
                     md.push('\n');
                 }
-                let diag: Vec<(String, Vec<&str>)> =
-                    data.finished().filter(|r| r.role.is_mada_family() && r.grid_point.is_none()).filter_map(diagnostics).collect();
+                let diag: Vec<(String, Vec<&str>)> = data
+                    .finished()
+                    .filter(|r| r.role.is_mada_family() && r.grid_point.is_none())
+                    .filter_map(diagnostics)
+                    .collect();
                 if !diag.is_empty() {
                     md.push_str(
                         "*Coefficient diagnostics* (hyper-steps; share whose hyper-gradient reached its clip; first \
@@ -536,7 +588,8 @@ pub fn report(paths: &Paths, tier: Tier, failures: &[String]) -> Result<()> {
                          0.997 over their first 2,000):\n\n| run | seed | hyper-steps | clipped | early bound | min γ | max Δρ per 100 updates | flags |\n|---|---|---|---|---|---|---|---|\n",
                     );
                     for (row, flags) in diag {
-                        let _ = writeln!(md, "{row} {} |", if flags.is_empty() { "–".into() } else { flags.join(", ") });
+                        let _ =
+                            writeln!(md, "{row} {} |", if flags.is_empty() { "–".into() } else { flags.join(", ") });
                     }
                     md.push('\n');
                 }
@@ -553,7 +606,16 @@ pub fn report(paths: &Paths, tier: Tier, failures: &[String]) -> Result<()> {
                     );
                     let cell = |v: Option<f64>| v.map_or("–".into(), |x| format!("{x:.4}"));
                     for row in &r.rows {
-                        let _ = writeln!(md, "| {} | {:.4} | {:.4} | {} | {} | {} |", row.name, row.x, row.avg_regret, cell(row.rho), cell(row.beta3), cell(row.c));
+                        let _ = writeln!(
+                            md,
+                            "| {} | {:.4} | {:.4} | {} | {} | {} |",
+                            row.name,
+                            row.x,
+                            row.avg_regret,
+                            cell(row.rho),
+                            cell(row.beta3),
+                            cell(row.c)
+                        );
                     }
                     md.push('\n');
                 }
@@ -582,7 +644,11 @@ pub fn report(paths: &Paths, tier: Tier, failures: &[String]) -> Result<()> {
         let rules: Vec<String> =
             e.optimizers.values().filter_map(|o| o.rule.as_ref().map(|r| format!("- {}: {r}", o.label))).collect();
         if !rules.is_empty() {
-            let _ = writeln!(md, "*Settings and the rules that derive them from the official ones:*\n\n{}\n", rules.join("\n"));
+            let _ = writeln!(
+                md,
+                "*Settings and the rules that derive them from the official ones:*\n\n{}\n",
+                rules.join("\n")
+            );
         }
         if let Some(r) = &e.reference {
             let _ = writeln!(md, "**Reference ({}) — {}:**\n\n| run | value |\n|---|---|", r.source, r.quantity);

@@ -18,7 +18,13 @@ use crate::run::log::{read_rows, EvalRow, LogRow, RunDir, RunResult};
 pub enum RunStatus {
     NotStarted,
     /// Updates logged so far (it resumes from its last checkpoint).
-    Unfinished { updates: u64 },
+    Unfinished {
+        updates: u64,
+    },
+    /// Its loss, gradient or hyper-gradient went non-finite at this update.
+    Diverged {
+        update: u64,
+    },
     Finished,
 }
 
@@ -64,7 +70,10 @@ impl RunData {
             d.evals = read_rows(eval.path())?;
         }
         if !rd.result().exists() {
-            d.status = RunStatus::Unfinished { updates: d.log.last().map_or(0, |r| r.step) };
+            d.status = match rd.read_failure()?.and_then(|f| f.diverged_at) {
+                Some(update) => RunStatus::Diverged { update },
+                None => RunStatus::Unfinished { updates: d.log.last().map_or(0, |r| r.step) },
+            };
             return Ok(d);
         }
         let result = rd.read_result()?;
@@ -88,6 +97,10 @@ impl RunData {
 
     pub fn finished(&self) -> bool {
         self.status == RunStatus::Finished
+    }
+
+    pub fn diverged(&self) -> bool {
+        matches!(self.status, RunStatus::Diverged { .. })
     }
 
     /// The final value of `metric` (NaN unless finished).
@@ -156,13 +169,20 @@ impl<'a> ExperimentRuns<'a> {
         self.runs.iter().filter(|r| matches!(r.status, RunStatus::Unfinished { .. }))
     }
 
+    pub fn diverged(&self) -> impl Iterator<Item = &RunData> {
+        self.runs.iter().filter(|r| r.diverged())
+    }
+
     pub fn started(&self) -> bool {
         self.runs.iter().any(|r| r.status != RunStatus::NotStarted)
     }
 
     /// (seed, final metric) of the finished runs of optimizer `key` (no grid point).
     pub fn finals(&self, key: &str, metric: Metric) -> Vec<(u64, f64)> {
-        self.finished().filter(|r| r.key == key && r.grid_point.is_none()).map(|r| (r.seed, r.final_metric(metric))).collect()
+        self.finished()
+            .filter(|r| r.key == key && r.grid_point.is_none())
+            .map(|r| (r.seed, r.final_metric(metric)))
+            .collect()
     }
 
     /// Training time of every run, finished or not.

@@ -142,8 +142,13 @@ impl Table {
             "\\begin{tabular}{lrlll}\n\\hline\nOptimizer & Seeds & Final & Best & $\\Delta$ vs Adam \\\\\n\\hline\n",
         );
         for r in &self.rows {
-            let cell =
-                |x: &Stat| if x.n > 1 { format!("${:.4} \\pm {:.4}$", x.mean, x.std) } else { format!("${:.4}$", x.mean) };
+            let cell = |x: &Stat| {
+                if x.n > 1 {
+                    format!("${:.4} \\pm {:.4}$", x.mean, x.std)
+                } else {
+                    format!("${:.4}$", x.mean)
+                }
+            };
             let _ = writeln!(
                 s,
                 "{} & {} & {} & {} & {} \\\\",
@@ -276,10 +281,14 @@ pub fn grid_summaries(data: &ExperimentRuns<'_>) -> Vec<GridSummary> {
         let mut planned = std::collections::BTreeSet::new();
         for r in &mine {
             planned.insert(cell_of(r));
-            if !r.finished() {
+            // A diverged run is that cell's result: an infinite loss (its worst case).
+            let v = if r.diverged() {
+                (f64::INFINITY, f64::INFINITY)
+            } else if r.finished() {
+                (r.final_metric(Metric::TrainLoss), r.final_metric(Metric::EvalLoss))
+            } else {
                 continue;
-            }
-            let v = (r.final_metric(Metric::TrainLoss), r.final_metric(Metric::EvalLoss));
+            };
             all.entry(cell_of(r)).or_default().push(v);
             if tier_seeds.contains(&r.seed) {
                 main.entry(cell_of(r)).or_default().push(v);
@@ -290,7 +299,8 @@ pub fn grid_summaries(data: &ExperimentRuns<'_>) -> Vec<GridSummary> {
             .iter()
             .map(|(&(a, b), v)| ((f64::from_bits(a), f64::from_bits(b)), (mean(v, |x| x.0), mean(v, |x| x.1))))
             .collect();
-        let groups = |f: fn(&(f64, f64)) -> f64| all.values().map(|v| v.iter().map(f).collect()).collect::<Vec<Vec<f64>>>();
+        let groups =
+            |f: fn(&(f64, f64)) -> f64| all.values().map(|v| v.iter().map(f).collect()).collect::<Vec<Vec<f64>>>();
         out.push(GridSummary {
             label: named.label.clone(),
             key: key.to_string(),
@@ -335,7 +345,11 @@ pub fn write_coefficients(data: &ExperimentRuns<'_>, dir: &Path) -> Result<bool>
         any = true;
         for row in &r.log {
             let q = row.coefficients;
-            let _ = writeln!(csv, "{},{},{},{},{},{},{},{},{}", r.label, r.seed, row.step, q[0], q[1], q[2], q[3], q[4], q[5]);
+            let _ = writeln!(
+                csv,
+                "{},{},{},{},{},{},{},{},{}",
+                r.label, r.seed, row.step, q[0], q[1], q[2], q[3], q[4], q[5]
+            );
         }
     }
     if any {

@@ -282,7 +282,8 @@ mod tests {
         assert_eq!(c.gain.n, 1);
         assert_eq!(outcomes(&[c]), [Outcome::Undecided]);
         // Accuracy: higher is better.
-        let acc = Comparison::new("t", ("MADA", &seeds(&[0.90, 0.91, 0.92])), ("Adam", &seeds(&[0.80, 0.805, 0.81])), 1.0);
+        let acc =
+            Comparison::new("t", ("MADA", &seeds(&[0.90, 0.91, 0.92])), ("Adam", &seeds(&[0.80, 0.805, 0.81])), 1.0);
         assert_eq!(outcomes(&[acc]), [Outcome::Better]);
     }
 

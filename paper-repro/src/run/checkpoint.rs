@@ -92,13 +92,13 @@ fn complete(dir: &Path) -> Option<LoopState> {
 /// The complete checkpoint with the most updates among `checkpoint/`, `.checkpoint.tmp/` and
 /// `.checkpoint.old/` (ties go to `checkpoint/`), with its loop state.
 pub fn find(run: &RunDir) -> Option<(PathBuf, LoopState)> {
-    [run.checkpoint(), tmp_dir(run), old_dir(run)]
-        .into_iter()
-        .filter_map(|d| complete(&d).map(|s| (d, s)))
-        .fold(None, |best: Option<(PathBuf, LoopState)>, c| match best {
+    [run.checkpoint(), tmp_dir(run), old_dir(run)].into_iter().filter_map(|d| complete(&d).map(|s| (d, s))).fold(
+        None,
+        |best: Option<(PathBuf, LoopState)>, c| match best {
             Some(b) if b.1.step >= c.1.step => Some(b),
             _ => Some(c),
-        })
+        },
+    )
 }
 
 /// Make the best complete checkpoint `checkpoint/` and remove every other checkpoint folder;
@@ -150,11 +150,13 @@ pub fn save_until(run: &RunDir, work: &Workload, opt: &Opt, state: &LoopState, l
     }
     std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     work.params().save(&tmp.join(MODEL))?;
-    let model = std::fs::read(tmp.join(MODEL)).with_context(|| format!("cannot read back {}", tmp.join(MODEL).display()))?;
+    let model =
+        std::fs::read(tmp.join(MODEL)).with_context(|| format!("cannot read back {}", tmp.join(MODEL).display()))?;
     let optimizer = bincode::serde::encode_to_vec(opt.optimizer(), bincode::config::standard())
         .map_err(|e| anyhow!("encoding the optimizer state: {e}"))?;
     write_atomically(&tmp.join(OPTIMIZER), &optimizer)?;
-    let file = StateFile { state: state.clone(), model_sha256: sha256_hex(&model), optimizer_sha256: sha256_hex(&optimizer) };
+    let file =
+        StateFile { state: state.clone(), model_sha256: sha256_hex(&model), optimizer_sha256: sha256_hex(&optimizer) };
     write_atomically(&tmp.join(STATE), serde_json::to_string_pretty(&file)?.as_bytes())?;
     if last == SaveStep::WriteTemporary {
         return Ok(());
@@ -189,8 +191,9 @@ pub fn load(run: &RunDir, work: &Workload, opt: &mut Opt, spec_id: &str) -> Resu
     work.params().load(&ck.join(MODEL))?;
     let p = ck.join(OPTIMIZER);
     let bytes = std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?;
-    let (restored, _): (AnyOptimizer<f32>, usize) = bincode::serde::decode_from_slice(&bytes, bincode::config::standard())
-        .map_err(|e| anyhow!("{}: corrupt optimizer state: {e}", p.display()))?;
+    let (restored, _): (AnyOptimizer<f32>, usize) =
+        bincode::serde::decode_from_slice(&bytes, bincode::config::standard())
+            .map_err(|e| anyhow!("{}: corrupt optimizer state: {e}", p.display()))?;
     *opt.optimizer_mut() = restored;
     Ok(state)
 }

@@ -376,6 +376,16 @@ pub struct RunResult {
     pub commit: String,
 }
 
+/// Why a run's last attempt stopped (`failed.json`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Failure {
+    pub spec_id: String,
+    pub error: String,
+    /// The update at which its loss, gradient or hyper-gradient went non-finite, if that is why.
+    #[serde(default)]
+    pub diverged_at: Option<u64>,
+}
+
 /// The checkout's commit (`git describe --always --dirty`), or `unknown`.
 pub fn code_version() -> String {
     std::process::Command::new("git")
@@ -459,6 +469,16 @@ impl RunDir {
             bail!("{}: result.json belongs to run {}, spec.json to {spec_id}", self.dir.display(), r.spec_id);
         }
         Ok(RunState::Finished(Box::new(r)))
+    }
+
+    /// Why the last attempt stopped, if it did.
+    pub fn read_failure(&self) -> Result<Option<Failure>> {
+        let p = self.failed();
+        if !p.exists() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+        Ok(Some(serde_json::from_str(&text).with_context(|| format!("invalid {}", p.display()))?))
     }
 
     pub fn read_result(&self) -> Result<RunResult> {

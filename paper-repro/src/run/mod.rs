@@ -11,4 +11,4 @@ pub mod workload;
 pub use log::{RunDir, RunResult};
 pub use spec::RunSpec;
 pub use train::{train, Outcome, Start, TrainOptions};
-pub use trainer::Trainer;
+pub use trainer::{Diverged, Trainer};

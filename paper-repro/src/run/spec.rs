@@ -199,6 +199,8 @@ fn is_default<T: Default + PartialEq>(x: &T) -> bool {
 /// Largest sizes a spec may name before anything is allocated: beyond these a typo (an extra
 /// zero) would otherwise take the machine's memory or run for years.
 const MAX_UPDATES: u64 = 100_000_000;
+const MAX_GRAD_ACCUM: u64 = 1 << 16;
+const MAX_BATCH: usize = 1 << 24;
 
 impl RunSpec {
     /// The run's identity: the first 16 hex digits of SHA-256 of its canonical JSON. The label
@@ -233,7 +235,13 @@ impl RunSpec {
         if self.updates > MAX_UPDATES {
             bail!("updates = {} exceeds {MAX_UPDATES}", self.updates);
         }
-        if self.grad_accum % self.ranks != 0 {
+        if self.batch_size > MAX_BATCH {
+            bail!("batch_size = {} exceeds {MAX_BATCH}", self.batch_size);
+        }
+        if self.grad_accum > MAX_GRAD_ACCUM {
+            bail!("grad_accum = {} exceeds {MAX_GRAD_ACCUM} micro-batches per update", self.grad_accum);
+        }
+        if !self.grad_accum.is_multiple_of(self.ranks) {
             bail!("grad_accum = {} is not a multiple of ranks = {}", self.grad_accum, self.ranks);
         }
         let s = &self.schedule;

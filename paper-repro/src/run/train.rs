@@ -18,10 +18,13 @@ use mada::Optimizer;
 
 use outputs::{remove_stale_temporaries, write_atomically, FolderLock};
 
-use crate::run::checkpoint::{self, LoopState};
-use crate::run::log::{code_version, read_rows, BatchRow, CsvLog, EvalRow, Execution, LogRow, RunDir, RunResult, RunState};
+use crate::run::checkpoint::{self, LoopState, SaveStep};
+use crate::run::log::Failure;
+use crate::run::log::{
+    code_version, read_rows, BatchRow, CsvLog, EvalRow, Execution, LogRow, RunDir, RunResult, RunState,
+};
 use crate::run::spec::RunSpec;
-use crate::run::trainer::Trainer;
+use crate::run::trainer::{Diverged, Trainer};
 use crate::run::workload::{device, Workload};
 
 /// How `train` treats a folder that holds an unfinished run of the same spec.
@@ -43,11 +46,15 @@ pub struct TrainOptions<'a> {
     /// Write the corpus offset of every training sequence used ([`BatchRow`]) to this file.
     pub dump_batches: Option<&'a Path>,
     pub progress: &'a ProgressBar,
+    /// Fault injection for the tests: the checkpoint save of this update stops after this step
+    /// (as a kill there would) and the call returns an error.
+    #[doc(hidden)]
+    pub interrupt_save: Option<(u64, SaveStep)>,
 }
 
 impl<'a> TrainOptions<'a> {
     pub fn new(start: Start, progress: &'a ProgressBar) -> Self {
-        Self { start, pause_after: None, dump_batches: None, progress }
+        Self { start, pause_after: None, dump_batches: None, progress, interrupt_save: None }
     }
 }
 
@@ -76,7 +83,12 @@ pub fn train(spec: &RunSpec, dir: &Path, opts: &TrainOptions<'_>) -> Result<Outc
 
 /// [`train`] with the trainer `make` builds (a data-parallel rank's, for instance). Only the
 /// process computing rank 0 writes files; the others compute and follow.
-pub fn train_with(spec: &RunSpec, dir: &Path, opts: &TrainOptions<'_>, make: &dyn Fn() -> Result<Trainer>) -> Result<Outcome> {
+pub fn train_with(
+    spec: &RunSpec,
+    dir: &Path,
+    opts: &TrainOptions<'_>,
+    make: &dyn Fn() -> Result<Trainer>,
+) -> Result<Outcome> {
     spec.validate()?;
     // Reach the device before anything is created.
     device(spec.device)?;
@@ -93,14 +105,23 @@ pub fn train_with(spec: &RunSpec, dir: &Path, opts: &TrainOptions<'_>, make: &dy
         RunState::Unfinished => true,
         RunState::Absent => false,
     };
+    if resumable && opts.start == Start::Auto {
+        // A run that diverged diverges again from its last checkpoint (every batch and update is
+        // deterministic): report it without training again.
+        if let Some(update) = run.read_failure()?.and_then(|f| f.diverged_at) {
+            return Err(Diverged { update, what: "diverged in an earlier attempt (see failed.json)".into() }.into());
+        }
+    }
     if resumable && opts.start == Start::Fresh {
         bail!("{} holds an unfinished run; pass --resume to continue it or choose another --out", dir.display());
     }
-    remove_stale_temporaries(dir)?;
-    let saved = checkpoint::settle(&run)?;
-    if opts.start == Start::Resume && saved.is_none() {
-        bail!("--resume: {} has no complete checkpoint to continue from", dir.display());
+    if !resumable && opts.start == Start::Resume {
+        bail!("--resume: {} holds no run to continue", dir.display());
     }
+    remove_stale_temporaries(dir)?;
+    // A run stopped before its first checkpoint has nothing to continue from: it starts again
+    // (nothing is lost, its logs are rewritten from update 1).
+    let saved = checkpoint::settle(&run)?;
     let trainer = match make() {
         Ok(t) => t,
         Err(e) => {
@@ -119,7 +140,8 @@ pub fn train_with(spec: &RunSpec, dir: &Path, opts: &TrainOptions<'_>, make: &dy
     }
     let outcome = train_loop(trainer, spec, &run, &id, saved, opts, writer);
     if let (Err(e), true) = (&outcome, writer) {
-        let why = serde_json::json!({ "spec_id": id, "error": format!("{e:#}") });
+        let diverged = e.downcast_ref::<Diverged>().map(|d| d.update);
+        let why = Failure { spec_id: id.clone(), error: format!("{e:#}"), diverged_at: diverged };
         let _ = write_atomically(&run.failed(), serde_json::to_string_pretty(&why)?.as_bytes());
     }
     drop(lock);
@@ -202,7 +224,12 @@ fn train_loop(
         if let Some(d) = &dump {
             for (micro, rows) in &out.batches {
                 for (row, &offset) in rows.iter().enumerate() {
-                    let r = BatchRow { update: state.step, micro_batch: micro + 1, row: row as u64 + 1, offset: offset as u64 };
+                    let r = BatchRow {
+                        update: state.step,
+                        micro_batch: micro + 1,
+                        row: row as u64 + 1,
+                        offset: offset as u64,
+                    };
                     d.append(&r)?;
                 }
             }
@@ -233,7 +260,7 @@ fn train_loop(
             state.loss_sum = 0.0;
             state.loss_count = 0;
             if !eval_loss.is_finite() {
-                bail!("update {}: the evaluation loss is {eval_loss}", state.step);
+                return Err(Diverged { update: state.step, what: format!("the evaluation loss is {eval_loss}") }.into());
             }
             let row = EvalRow { step: state.step, train_loss, eval_loss, eval_accuracy };
             if writer {
@@ -245,7 +272,13 @@ fn train_loop(
             last_eval = Some(row);
         }
         if writer && (state.step % spec.checkpoint_interval == 0 || last) {
-            checkpoint::save(run, &tr.work, &tr.opt, &state)?;
+            match opts.interrupt_save {
+                Some((at, stop)) if at == state.step => {
+                    checkpoint::save_until(run, &tr.work, &tr.opt, &state, stop)?;
+                    bail!("update {at}: the checkpoint save was interrupted after {stop:?} (fault injection)");
+                }
+                _ => checkpoint::save(run, &tr.work, &tr.opt, &state)?,
+            }
         }
     }
     let e = last_eval.context("a finished run has no evaluation")?;

@@ -1,4 +1,4 @@
-//! One update, as the official loops take it (digest §5.3–5.5), for a world of `ranks` ranks
+//! One update, as the official loops take it (`train.py`, `train_ddp.py` of the official repository), for a world of `ranks` ranks
 //! computed in this process (all of them, emulating a data-parallel run on one device) or
 //! spread over processes ([`Collective`]):
 //!
@@ -24,7 +24,7 @@
 
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use mada::candle::VarOptimizer;
@@ -36,6 +36,20 @@ use crate::run::spec::{ClipMode, RunSpec};
 use crate::run::workload::{MicroBatch, Workload};
 
 pub(crate) type Opt = VarOptimizer<f32, AnyOptimizer<f32>>;
+
+/// A run whose loss, gradient or hyper-gradient went non-finite: its optimizer diverged. (The
+/// run stops; a robustness grid counts the cell as diverged rather than missing.)
+#[derive(Debug, thiserror::Error)]
+#[error("update {update}: {what}")]
+pub struct Diverged {
+    /// The update (from 1) at which it was found.
+    pub update: u64,
+    pub what: String,
+}
+
+fn diverged(update: u64, what: impl Into<String>) -> anyhow::Error {
+    Diverged { update, what: what.into() }.into()
+}
 
 /// Sums across the processes of a data-parallel run. One process computing every rank needs
 /// none ([`SingleProcess`]); `crate::parallel` has the MPI and NCCL ones.
@@ -215,14 +229,19 @@ impl Trainer {
                 let (loss, n, rows) = self.work.micro_loss(mb, ga)?;
                 let value = loss.to_scalar::<f32>()? as f64;
                 if !value.is_finite() {
-                    let at = format!("update {update}, micro-batch {} (rank {rank})", mb.index() + 1);
-                    match first_non_finite_parameter(self.work.params())? {
-                        Some(p) => bail!("{at}: the training loss is {value}: parameter {p} is not finite"),
-                        None => bail!(
-                            "{at}: the training loss is {value} with every parameter finite (an activation \
-                             overflowed: lower the learning rate or clip harder)"
+                    let at = format!("micro-batch {} (rank {rank})", mb.index() + 1);
+                    return Err(match first_non_finite_parameter(self.work.params())? {
+                        Some(p) => {
+                            diverged(update, format!("{at}: the training loss is {value}: parameter {p} is not finite"))
+                        }
+                        None => diverged(
+                            update,
+                            format!(
+                                "{at}: the training loss is {value} with every parameter finite (an activation \
+                                 overflowed: lower the learning rate or clip harder)"
+                            ),
                         ),
-                    }
+                    });
                 }
                 loss_total += value / ga as f64;
                 items += n;
@@ -265,7 +284,7 @@ impl Trainer {
         let hyper = self.hyper_step(hyper_sum, update)?;
         let (norm, bad) = grad_norm(self.work.params(), &total, 1.0)?;
         if let Some(name) = bad {
-            bail!("update {update}: the gradient of {name} is not finite");
+            return Err(diverged(update, format!("the gradient of {name} is not finite")));
         }
         let global = match self.spec.clip_mode {
             ClipMode::PerRank if world > 1 => 1.0,
@@ -301,7 +320,10 @@ impl Trainer {
         let Some(mut h) = local else { return Ok(HyperRecord::NONE) };
         self.collective.sum_f64(&mut h)?;
         let Some(m) = self.opt.optimizer_mut().as_mada_mut() else { return Ok(HyperRecord::NONE) };
-        let taken: Option<HyperStep> = m.apply_hypergradient(h).map_err(|e| anyhow!("update {update}: {e}"))?;
+        let taken: Option<HyperStep> = m.apply_hypergradient(h).map_err(|e| match e {
+            mada::OptimError::NonFiniteHypergradient { .. } => diverged(update, e.to_string()),
+            other => anyhow!("update {update}: {other}"),
+        })?;
         let c = m.hyper_config();
         Ok(HyperRecord::new(h, taken.as_ref(), c.clip, c.learned))
     }

@@ -10,11 +10,11 @@ use candle_core::{Device, Tensor};
 use crate::data::text::Corpus;
 use crate::data::vision::{epoch_order, ImageSet};
 use crate::models::gpt::{hf_config, Gpt, GptConfig};
-use mada::Optimizer as _;
 use crate::models::nn::ParamStore;
 use crate::models::vision::{VisionModel, VisionModelConfig};
 use crate::paths::resolve;
 use crate::run::spec::{DeviceKind, Precision, RunSpec, Task};
+use mada::Optimizer as _;
 
 /// The device a spec names; an error (before any work) when this build cannot reach it.
 pub fn device(kind: DeviceKind) -> Result<Device> {
@@ -62,7 +62,15 @@ impl MicroBatch {
 
 /// What a run trains: a model, its data, and how to get a micro-batch loss and evaluate.
 pub enum Workload {
-    Lm { model: Gpt, corpus: Corpus, eval_chunks: usize, eval_batch: usize, batch: usize, seed: u64, device: Device },
+    Lm {
+        model: Gpt,
+        corpus: Corpus,
+        eval_chunks: usize,
+        eval_batch: usize,
+        batch: usize,
+        seed: u64,
+        device: Device,
+    },
     Vision {
         model: VisionModel,
         train: ImageSet,
@@ -88,19 +96,26 @@ pub fn available_memory() -> Option<u64> {
 /// their softmax and gradient).
 pub fn gpt_memory_estimate(c: &GptConfig, batch: usize, state_bytes_per_param: usize) -> f64 {
     let params = c.num_params(false) as f64;
-    let tokens = (batch * c.block_size) as f64;
-    let activations = tokens * (24.0 * (c.n_embd * c.n_layer) as f64 + 4.0 * c.vocab_size as f64) * 4.0;
+    let tokens = batch as f64 * c.block_size as f64;
+    let activations = tokens * (24.0 * c.n_embd as f64 * c.n_layer as f64 + 4.0 * c.vocab_size as f64) * 4.0;
     params * (12.0 + state_bytes_per_param as f64) + activations
 }
 
-/// The same for a vision model: every layer's output (and its gradient, and the im2col
-/// columns) at the input resolution, a generous bound.
-pub fn vision_memory_estimate(m: &VisionModelConfig, batch: usize, pixels: usize) -> f64 {
-    let channels: usize = match m {
-        VisionModelConfig::Cnn { c1, c2, hidden } => c1 + c2 + hidden,
-        VisionModelConfig::Resnet { blocks, widths } => widths[0] + blocks.iter().zip(widths).map(|(b, w)| 3 * b * w).sum::<usize>(),
+/// The same for a vision model: its parameters (with gradients and optimizer state) and every
+/// layer's output (and its gradient, and the im2col columns) at the input resolution, a
+/// generous bound.
+pub fn vision_memory_estimate(m: &VisionModelConfig, batch: usize, pixels: usize, state_bytes_per_param: usize) -> f64 {
+    let f = |x: usize| x as f64;
+    let (channels, params) = match m {
+        VisionModelConfig::Cnn { c1, c2, hidden } => {
+            (f(c1 + c2 + hidden), 9.0 * f(*c1) * (1.0 + f(*c2)) + f(*c2) * f(pixels) / 16.0 * f(*hidden))
+        }
+        VisionModelConfig::Resnet { blocks, widths } => (
+            f(widths[0]) + blocks.iter().zip(widths).map(|(b, w)| 3.0 * f(*b) * f(*w)).sum::<f64>(),
+            blocks.iter().zip(widths).map(|(b, w)| 18.0 * f(*b) * f(*w) * f(*w)).sum::<f64>(),
+        ),
     };
-    (batch * pixels * channels) as f64 * 4.0 * 12.0
+    params * (12.0 + state_bytes_per_param as f64) + f(batch) * f(pixels) * channels * 4.0 * 12.0
 }
 
 fn check_memory(needed: f64, what: &str, device: &Device) -> Result<()> {
@@ -155,9 +170,19 @@ impl Workload {
                         corpus.val.len()
                     );
                 }
+                let windows = corpus.val.len() - block - 1;
+                if *eval_chunks > windows {
+                    bail!(
+                        "task.eval_chunks = {eval_chunks} exceeds the {windows} validation windows of {}",
+                        corpus.val.path().display()
+                    );
+                }
                 let per_micro = spec.batch_size.max(*eval_batch);
-                check_memory(gpt_memory_estimate(model, per_micro, state_bytes), "this GPT (block_size × batch_size)", &device)?;
-                let _ = eval_chunks;
+                check_memory(
+                    gpt_memory_estimate(model, per_micro, state_bytes),
+                    "this GPT (block_size × batch_size)",
+                    &device,
+                )?;
                 let gpt = Gpt::new(model.clone(), &device, spec.seed)?;
                 if let Some(init) = init_from {
                     // Run folders named by the catalog are relative to the working directory;
@@ -201,7 +226,7 @@ impl Workload {
                     bail!("batch_size = {} exceeds the {} training images", spec.batch_size, train.len());
                 }
                 check_memory(
-                    vision_memory_estimate(model, spec.batch_size.max(500), train.height * train.width),
+                    vision_memory_estimate(model, spec.batch_size.max(500), train.height * train.width, state_bytes),
                     "this vision model at this batch_size",
                     &device,
                 )?;
@@ -231,7 +256,7 @@ impl Workload {
 
     /// The training loss of one micro-batch, its size (tokens or images), and where its rows
     /// came from (window starts in `train.bin`, or image indices).
-    pub(crate) fn micro_loss(&self, mb: MicroBatch, grad_accum: u64) -> Result<(Tensor, usize, Vec<usize>)> {
+    pub fn micro_loss(&self, mb: MicroBatch, grad_accum: u64) -> Result<(Tensor, usize, Vec<usize>)> {
         match self {
             Workload::Lm { model, corpus, batch, seed, device, .. } => {
                 let block = model.config.block_size;

@@ -31,6 +31,35 @@ use candle_core::{CpuStorage, Layout};
 
 pub(crate) type Result<T> = candle_core::Result<T>;
 
+/// Flush subnormal f32/f64 results to zero, and read subnormal inputs as zero, on this thread
+/// (x86-64 MXCSR FTZ and DAZ; a no-op elsewhere).
+///
+/// A diverging run (Adam at β1 = 0.99, β2 = 0.501 in the robustness grid, say) fills its
+/// activations with subnormal numbers, and each operation on one costs the x86 core a microcode
+/// assist of ~100 cycles: such a run trained 20× slower than a healthy one. Flushing them
+/// changes only values below 1.2e-38 (f32), deterministically, as GPUs do by default.
+pub fn flush_subnormals_on_this_thread() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut csr: u32 = 0;
+        // SAFETY: reading and writing MXCSR only changes this thread's floating-point mode;
+        // bits 15 (FTZ) and 6 (DAZ) are defined on every x86-64 CPU with SSE2.
+        unsafe {
+            std::arch::asm!("stmxcsr [{}]", in(reg) &mut csr, options(nostack));
+            csr |= (1 << 15) | (1 << 6);
+            std::arch::asm!("ldmxcsr [{}]", in(reg) &csr, options(nostack, readonly));
+        }
+    }
+}
+
+/// The process's compute threads flush subnormals: this thread and rayon's global pool (which
+/// the fused operators, the optimizer kernels and candle's matrix products use). Call it once,
+/// first thing in `main`; later calls only set this thread.
+pub fn init_compute_threads() {
+    flush_subnormals_on_this_thread();
+    let _ = rayon::ThreadPoolBuilder::new().start_handler(|_| flush_subnormals_on_this_thread()).build_global();
+}
+
 pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     let data = s.as_slice::<f32>()?;
     match l.contiguous_offsets() {
