@@ -51,25 +51,54 @@ pub struct NonconvexConstants {
     pub delta: f64,
 }
 
-/// Which quantity a bound controls, and how its value is obtained.
+/// One additive term of a bound, with what its mutants need (see [`crate::mutants`]).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Term {
+    pub name: &'static str,
+    pub value: f64,
+    /// The power of N (or T) the term scales with as written (−0.5 for 1/√N; 0 for none).
+    pub n_power: f64,
+    /// N (or T), for the mutants that change that power.
+    pub n: f64,
+    /// The value of the logarithmic factor the term carries, if any (√(1 + ln T) included).
+    pub log: Option<f64>,
+}
+
+impl Term {
+    pub fn new(name: &'static str, value: f64, n_power: f64, n: f64) -> Self {
+        Self { name, value, n_power, n, log: None }
+    }
+
+    fn with_log(mut self, log: f64) -> Self {
+        self.log = Some(log);
+        self
+    }
+}
+
+/// A bound's value: the sum of its terms.
+pub fn total(terms: &[Term]) -> f64 {
+    terms.iter().map(|t| t.value).sum()
+}
+
+/// Which quantity a bound controls, and its terms.
 pub enum Form {
-    /// E‖∇F(x_τ)‖² ≤ value(constants, settings), τ drawn by `tau_weights`.
-    Nonconvex { covers: Covers<NonconvexSettings>, value: NonconvexValue },
-    /// E‖∇F(x_τ)‖² ≤ E[value(constants, settings, run)] (τ uniform): a bound with a
+    /// E‖∇F(x_τ)‖² ≤ Σ terms(constants, settings), τ drawn by `tau_weights`.
+    Nonconvex { covers: Covers<NonconvexSettings>, terms: NonconvexTerms },
+    /// E‖∇F(x_τ)‖² ≤ E[Σ terms(constants, settings, run)] (τ uniform): a bound with a
     /// trajectory-dependent term whose expectation is estimated from the same runs.
     NonconvexSemi {
         covers: Covers<NonconvexSettings>,
-        value: fn(&NonconvexConstants, &NonconvexSettings, &NonconvexRun) -> f64,
+        terms: fn(&NonconvexConstants, &NonconvexSettings, &NonconvexRun) -> Vec<Term>,
     },
-    /// R_T ≤ value(settings, run, T, D∞) for every sequence (deterministic).
-    Regret { covers: Covers<RegretSettings>, value: RegretValue },
+    /// R_T ≤ Σ terms(settings, run, T, D∞) for every sequence (deterministic).
+    Regret { covers: Covers<RegretSettings>, terms: RegretTerms },
 }
 
-/// A nonconvex bound's value from the problem constants and the settings.
-pub type NonconvexValue = Box<dyn Fn(&NonconvexConstants, &NonconvexSettings) -> f64 + Send + Sync>;
+/// A nonconvex bound's terms from the problem constants and the settings.
+pub type NonconvexTerms = Box<dyn Fn(&NonconvexConstants, &NonconvexSettings) -> Vec<Term> + Send + Sync>;
 
-/// A regret bound's value from the settings, the run, T and D∞.
-pub type RegretValue = Box<dyn Fn(&RegretSettings, &RegretRun, f64, f64) -> f64 + Send + Sync>;
+/// A regret bound's terms from the settings, the run, T and D∞.
+pub type RegretTerms = Box<dyn Fn(&RegretSettings, &RegretRun, f64, f64) -> Vec<Term> + Send + Sync>;
 
 /// Which settings (algorithm and parameters) a bound covers.
 pub type Covers<S> = Box<dyn Fn(&S) -> bool + Send + Sync>;
@@ -98,73 +127,143 @@ pub fn descent_weight(k: &NonconvexConstants, s: &NonconvexSettings, n: usize) -
     2.0 * s.c(n).sqrt() * k.r * a + k.l * a * a / 2.0
 }
 
-fn defossez_adagrad(k: &NonconvexConstants, s: &NonconvexSettings, eps: f64) -> f64 {
+fn defossez_adagrad(k: &NonconvexConstants, s: &NonconvexSettings) -> Vec<Term> {
     let n = s.steps as f64;
     let (d, r, l, a) = (k.d, k.r, k.l, s.alpha);
-    2.0 * r * k.delta / (a * n.sqrt()) + (4.0 * d * r * r + a * d * r * l) * (1.0 + n * r * r / eps).ln() / n.sqrt()
+    let ln = (1.0 + n * r * r / s.eps).ln();
+    vec![
+        Term::new("2RΔ/(α√N)", 2.0 * r * k.delta / (a * n.sqrt()), -0.5, n),
+        Term::new("4dR²·ln(1 + NR²/ε)/√N", 4.0 * d * r * r * ln / n.sqrt(), -0.5, n).with_log(ln),
+        Term::new("αdRL·ln(1 + NR²/ε)/√N", a * d * r * l * ln / n.sqrt(), -0.5, n).with_log(ln),
+    ]
 }
 
-fn defossez_adam(k: &NonconvexConstants, s: &NonconvexSettings) -> f64 {
+fn defossez_adam(k: &NonconvexConstants, s: &NonconvexSettings) -> Vec<Term> {
     let n = s.steps as f64;
     let (d, r, l, a, b2) = (k.d, k.r, k.l, s.alpha, s.beta2);
-    let e = 4.0 * d * r * r / (1.0 - b2).sqrt() + a * d * r * l / (1.0 - b2);
-    2.0 * r * k.delta / (a * n) + e * ((1.0 + r * r / ((1.0 - b2) * s.eps)).ln() / n - b2.ln())
+    let ln = (1.0 + r * r / ((1.0 - b2) * s.eps)).ln();
+    let (e1, e2) = (4.0 * d * r * r / (1.0 - b2).sqrt(), a * d * r * l / (1.0 - b2));
+    vec![
+        Term::new("2RΔ/(αN)", 2.0 * r * k.delta / (a * n), -1.0, n),
+        Term::new("4dR²/√(1−β2)·ln(1 + R²/((1−β2)ε))/N", e1 * ln / n, -1.0, n).with_log(ln),
+        Term::new("4dR²/√(1−β2)·(−ln β2)", -e1 * b2.ln(), 0.0, n),
+        Term::new("αdRL/(1−β2)·ln(1 + R²/((1−β2)ε))/N", e2 * ln / n, -1.0, n).with_log(ln),
+        Term::new("αdRL/(1−β2)·(−ln β2)", -e2 * b2.ln(), 0.0, n),
+    ]
 }
 
 fn n_tilde(s: &NonconvexSettings) -> f64 {
     s.steps as f64 - s.beta1 / (1.0 - s.beta1)
 }
 
-fn defossez_adagrad_momentum(k: &NonconvexConstants, s: &NonconvexSettings) -> f64 {
-    let (n, nt) = (s.steps as f64, n_tilde(s));
-    if nt <= 0.0 {
-        return f64::INFINITY;
-    }
-    let (d, r, l, a, b1) = (k.d, k.r, k.l, s.alpha, s.beta1);
-    let e = a * d * r * l + 12.0 * d * r * r / (1.0 - b1) + 2.0 * a * a * d * l * l * b1 / (1.0 - b1);
-    2.0 * r * n.sqrt() * k.delta / (a * nt) + n.sqrt() / nt * e * (1.0 + n * r * r / s.eps).ln()
+/// A bound that is infinite (Ñ ≤ 0: the momentum bounds say nothing yet).
+fn infinite(n: f64) -> Vec<Term> {
+    vec![Term::new("∞ (Ñ ≤ 0)", f64::INFINITY, 0.0, n)]
 }
 
-fn defossez_adam_momentum(k: &NonconvexConstants, s: &NonconvexSettings) -> f64 {
+fn defossez_adagrad_momentum(k: &NonconvexConstants, s: &NonconvexSettings) -> Vec<Term> {
     let (n, nt) = (s.steps as f64, n_tilde(s));
     if nt <= 0.0 {
-        return f64::INFINITY;
+        return infinite(n);
+    }
+    let (d, r, l, a, b1) = (k.d, k.r, k.l, s.alpha, s.beta1);
+    let ln = (1.0 + n * r * r / s.eps).ln();
+    let f = n.sqrt() / nt * ln;
+    vec![
+        Term::new("2R√N·Δ/(αÑ)", 2.0 * r * n.sqrt() * k.delta / (a * nt), -0.5, n),
+        Term::new("αdRL·(√N/Ñ)·ln(1 + NR²/ε)", a * d * r * l * f, -0.5, n).with_log(ln),
+        Term::new("12dR²/(1−β1)·(√N/Ñ)·ln(1 + NR²/ε)", 12.0 * d * r * r / (1.0 - b1) * f, -0.5, n).with_log(ln),
+        Term::new("2α²dL²β1/(1−β1)·(√N/Ñ)·ln(1 + NR²/ε)", 2.0 * a * a * d * l * l * b1 / (1.0 - b1) * f, -0.5, n)
+            .with_log(ln),
+    ]
+}
+
+fn defossez_adam_momentum(k: &NonconvexConstants, s: &NonconvexSettings) -> Vec<Term> {
+    let (n, nt) = (s.steps as f64, n_tilde(s));
+    if nt <= 0.0 {
+        return infinite(n);
     }
     let (d, r, l, a, b1, b2) = (k.d, k.r, k.l, s.alpha, s.beta1, s.beta2);
     let q = 1.0 - b1 / b2;
-    let e = a * d * r * l * (1.0 - b1) / (q * (1.0 - b2))
-        + 12.0 * d * r * r * (1.0 - b1).sqrt() / (q.powf(1.5) * (1.0 - b2).sqrt())
-        + 2.0 * a * a * d * l * l * b1 / (q * (1.0 - b2).powf(1.5));
-    2.0 * r * k.delta / (a * nt) + e * ((1.0 + r * r / ((1.0 - b2) * s.eps)).ln() / nt - n / nt * b2.ln())
+    let ln = (1.0 + r * r / ((1.0 - b2) * s.eps)).ln();
+    let parts = [
+        (
+            "αdRL(1−β1)/((1−β1/β2)(1−β2))·ln(…)/Ñ",
+            "αdRL(1−β1)/((1−β1/β2)(1−β2))·(−(N/Ñ)·ln β2)",
+            a * d * r * l * (1.0 - b1) / (q * (1.0 - b2)),
+        ),
+        (
+            "12dR²√(1−β1)/((1−β1/β2)^{3/2}√(1−β2))·ln(…)/Ñ",
+            "12dR²√(1−β1)/((1−β1/β2)^{3/2}√(1−β2))·(−(N/Ñ)·ln β2)",
+            12.0 * d * r * r * (1.0 - b1).sqrt() / (q.powf(1.5) * (1.0 - b2).sqrt()),
+        ),
+        (
+            "2α²dL²β1/((1−β1/β2)(1−β2)^{3/2})·ln(…)/Ñ",
+            "2α²dL²β1/((1−β1/β2)(1−β2)^{3/2})·(−(N/Ñ)·ln β2)",
+            2.0 * a * a * d * l * l * b1 / (q * (1.0 - b2).powf(1.5)),
+        ),
+    ];
+    let mut terms = vec![Term::new("2RΔ/(αÑ)", 2.0 * r * k.delta / (a * nt), -1.0, n)];
+    for (with_log, with_beta, e) in parts {
+        terms.push(Term::new(with_log, e * ln / nt, -1.0, n).with_log(ln));
+        terms.push(Term::new(with_beta, -e * n / nt * b2.ln(), 0.0, n));
+    }
+    terms
 }
 
-/// Derived, semi-explicit (THEORY §2): 2RΔ/(αN) + (2R/(αN)) Σ_n w_n ‖U_n‖².
-pub fn interp_semi(k: &NonconvexConstants, s: &NonconvexSettings, run: &NonconvexRun) -> f64 {
+/// Derived, semi-explicit (THEORY §2): 2RΔ/(αN) + (2R/(αN)) Σ_n w_n ‖U_n‖², the sum split
+/// into w_n's two parts.
+pub fn interp_semi(k: &NonconvexConstants, s: &NonconvexSettings, run: &NonconvexRun) -> Vec<Term> {
     let n = s.steps as f64;
-    let sum: f64 = run.u_norm_sq.iter().enumerate().map(|(i, u)| descent_weight(k, s, i + 1) * u).sum();
-    2.0 * k.r * k.delta / (s.alpha * n) + 2.0 * k.r / (s.alpha * n) * sum
+    let (mut lemma, mut smooth) = (0.0, 0.0);
+    for (i, u) in run.u_norm_sq.iter().enumerate() {
+        let a = s.step(i + 1);
+        lemma += 2.0 * s.c(i + 1).sqrt() * k.r * a * u;
+        smooth += k.l * a * a / 2.0 * u;
+    }
+    let f = 2.0 * k.r / (s.alpha * n);
+    vec![
+        Term::new("2RΔ/(αN)", 2.0 * k.r * k.delta / (s.alpha * n), -1.0, n),
+        Term::new("(2R/(αN))·Σ 2√c_n·R·α_n·‖U_n‖²", f * lemma, 0.0, n),
+        Term::new("(2R/(αN))·Σ Lα_n²/2·‖U_n‖²", f * smooth, 0.0, n),
+    ]
+}
+
+/// The semi-explicit bound's value.
+pub fn interp_semi_value(k: &NonconvexConstants, s: &NonconvexSettings, run: &NonconvexRun) -> f64 {
+    total(&interp_semi(k, s, run))
 }
 
 /// Derived, explicit for ρ ∈ (0, 1] (THEORY §3): the U-sum bounded through D_n ≥ ρ·v_n and the
 /// weighted (Abel-summed) log lemma.
-pub fn interp_explicit(k: &NonconvexConstants, s: &NonconvexSettings) -> f64 {
+pub fn interp_explicit(k: &NonconvexConstants, s: &NonconvexSettings) -> Vec<Term> {
+    let nf = s.steps as f64;
     let rho = match s.variant {
         Variant::Interp { rho } => rho,
         Variant::Adam => 1.0,
-        Variant::Adagrad => return f64::INFINITY,
+        Variant::Adagrad => return infinite(nf),
     };
     if rho <= 0.0 {
-        return f64::INFINITY;
+        return infinite(nf);
     }
     let big_n = s.steps;
     let w: Vec<f64> = (1..=big_n).map(|n| descent_weight(k, s, n)).collect();
     let ell_max = |n: usize| (1.0 + k.r * k.r * s_n(s.beta2, n) / s.eps).ln();
-    let mut per_coord = w[big_n - 1] * ell_max(big_n) - s.beta2.ln() * w.iter().sum::<f64>();
+    let mut logs = w[big_n - 1] * ell_max(big_n);
     for n in 1..big_n {
-        per_coord += (w[n - 1] - w[n]).max(0.0) * ell_max(n);
+        logs += (w[n - 1] - w[n]).max(0.0) * ell_max(n);
     }
-    let nf = big_n as f64;
-    2.0 * k.r * k.delta / (s.alpha * nf) + 2.0 * k.r / (s.alpha * nf) * k.d * per_coord / rho
+    let f = 2.0 * k.r / (s.alpha * nf) * k.d / rho;
+    vec![
+        Term::new("2RΔ/(αN)", 2.0 * k.r * k.delta / (s.alpha * nf), -1.0, nf),
+        Term::new("(2Rd/(αNρ))·[w_N·ℓ_N + Σ(w_n − w_{n+1})⁺·ℓ_n]", f * logs, -1.0, nf).with_log(ell_max(big_n)),
+        Term::new("(2Rd/(αNρ))·(−ln β2)·Σ w_n", -f * s.beta2.ln() * w.iter().sum::<f64>(), 0.0, nf),
+    ]
+}
+
+/// The explicit bound's value.
+pub fn interp_explicit_value(k: &NonconvexConstants, s: &NonconvexSettings) -> f64 {
+    total(&interp_explicit(k, s))
 }
 
 fn gamma(s: &RegretSettings) -> f64 {
@@ -181,9 +280,22 @@ fn avgrad_lemma(s: &RegretSettings) -> f64 {
     2.0 * s.alpha / ((1.0 - s.beta1) * (1.0 - s.beta2).sqrt())
 }
 
-fn regret_common(s: &RegretSettings, run: &RegretRun, t: f64, d_inf: f64, first_factor: f64) -> f64 {
-    first_factor * d_inf * d_inf * t.sqrt() / (s.alpha * (1.0 - s.beta1)) * run.sqrt_d_final
-        + d_inf * d_inf / (2.0 * (1.0 - s.beta1)) * run.momentum_sum
+/// The two terms every regret bound shares (`first_factor` 1 for AMSGrad's, ½ for the derived).
+fn regret_common(s: &RegretSettings, run: &RegretRun, t: f64, d_inf: f64, first_factor: f64) -> Vec<Term> {
+    vec![
+        Term::new(
+            "D∞²√T/(α(1−β1))·Σ√D_T (×½ derived)",
+            first_factor * d_inf * d_inf * t.sqrt() / (s.alpha * (1.0 - s.beta1)) * run.sqrt_d_final,
+            0.5,
+            t,
+        ),
+        Term::new(
+            "D∞²/(2(1−β1))·Σ_t β1t·Σ√D_t/α_t",
+            d_inf * d_inf / (2.0 * (1.0 - s.beta1)) * run.momentum_sum,
+            0.0,
+            t,
+        ),
+    ]
 }
 
 /// Every built-in bound.
@@ -195,7 +307,7 @@ pub fn registry() -> Vec<Bound> {
             formula: "E‖∇F(x_τ)‖² ≤ 2RΔ/(α√N) + (4dR² + αdRL)·ln(1 + NR²/ε)/√N".into(),
             assumptions: "F ≥ F*, ∇F L-Lipschitz, E[G_n] = ∇F(x_{n−1}), ‖G_n‖∞ ≤ R − √ε a.s.; τ uniform on {0..N−1}".into(),
             source: Source::Published("Défossez, Bottou, Bach, Usunier, TMLR 2022, Theorem 1"),
-            form: Form::Nonconvex { covers: Box::new(|s| s.variant == Variant::Adagrad && s.beta1 == 0.0), value: Box::new(|k, s| defossez_adagrad(k, s, s.eps)) },
+            form: Form::Nonconvex { covers: Box::new(|s| s.variant == Variant::Adagrad && s.beta1 == 0.0), terms: Box::new(defossez_adagrad) },
         },
         Bound {
             id: "defossez-adam".into(),
@@ -203,7 +315,7 @@ pub fn registry() -> Vec<Bound> {
             formula: "E‖∇F(x_τ)‖² ≤ 2RΔ/(αN) + E·(ln(1 + R²/((1−β2)ε))/N − ln β2), E = 4dR²/√(1−β2) + αdRL/(1−β2)".into(),
             assumptions: "as Theorem 1, 0 < β2 < 1, α_n = α√((1−β2^n)/(1−β2))".into(),
             source: Source::Published("Défossez, Bottou, Bach, Usunier, TMLR 2022, Theorem 2"),
-            form: Form::Nonconvex { covers: Box::new(|s| s.variant == Variant::Adam && s.beta1 == 0.0), value: Box::new(defossez_adam) },
+            form: Form::Nonconvex { covers: Box::new(|s| s.variant == Variant::Adam && s.beta1 == 0.0), terms: Box::new(defossez_adam) },
         },
         Bound {
             id: "defossez-adagrad-momentum".into(),
@@ -211,7 +323,7 @@ pub fn registry() -> Vec<Bound> {
             formula: "E‖∇F(x_τ)‖² ≤ 2R√N·Δ/(αÑ) + (√N/Ñ)·E·ln(1 + NR²/ε), Ñ = N − β1/(1−β1), E = αdRL + 12dR²/(1−β1) + 2α²dL²β1/(1−β1)".into(),
             assumptions: "as Theorem 1, 0 < β1 < 1, α_n = α(1−β1); P[τ = j] ∝ 1 − β1^{N−j}".into(),
             source: Source::Transcribed("Défossez, Bottou, Bach, Usunier, TMLR 2022, Theorem 3"),
-            form: Form::Nonconvex { covers: Box::new(|s| s.variant == Variant::Adagrad && s.beta1 > 0.0), value: Box::new(defossez_adagrad_momentum) },
+            form: Form::Nonconvex { covers: Box::new(|s| s.variant == Variant::Adagrad && s.beta1 > 0.0), terms: Box::new(defossez_adagrad_momentum) },
         },
         Bound {
             id: "defossez-adam-momentum".into(),
@@ -219,7 +331,7 @@ pub fn registry() -> Vec<Bound> {
             formula: "E‖∇F(x_τ)‖² ≤ 2RΔ/(αÑ) + E·(ln(1 + R²/((1−β2)ε))/Ñ − (N/Ñ)·ln β2), E = αdRL(1−β1)/((1−β1/β2)(1−β2)) + 12dR²√(1−β1)/((1−β1/β2)^{3/2}√(1−β2)) + 2α²dL²β1/((1−β1/β2)(1−β2)^{3/2})".into(),
             assumptions: "as Theorem 2, 0 < β1 < β2 < 1, α_n = α(1−β1)√((1−β2^n)/(1−β2)); P[τ = j] ∝ 1 − β1^{N−j}".into(),
             source: Source::Transcribed("Défossez, Bottou, Bach, Usunier, TMLR 2022, Theorem 4"),
-            form: Form::Nonconvex { covers: Box::new(|s| s.variant == Variant::Adam && s.beta1 > 0.0), value: Box::new(defossez_adam_momentum) },
+            form: Form::Nonconvex { covers: Box::new(|s| s.variant == Variant::Adam && s.beta1 > 0.0), terms: Box::new(defossez_adam_momentum) },
         },
         Bound {
             id: "interp-semi".into(),
@@ -229,7 +341,7 @@ pub fn registry() -> Vec<Bound> {
             source: Source::Derived("§2"),
             form: Form::NonconvexSemi {
                 covers: Box::new(|s| s.beta1 == 0.0 && matches!(s.variant, Variant::Interp { .. } | Variant::Adam)),
-                value: interp_semi,
+                terms: interp_semi,
             },
         },
         Bound {
@@ -240,7 +352,7 @@ pub fn registry() -> Vec<Bound> {
             source: Source::Derived("§3"),
             form: Form::Nonconvex {
                 covers: Box::new(|s| s.beta1 == 0.0 && matches!(s.variant, Variant::Interp { rho } if rho > 0.0)),
-                value: Box::new(interp_explicit),
+                terms: Box::new(interp_explicit),
             },
         },
         Bound {
@@ -251,8 +363,12 @@ pub fn registry() -> Vec<Bound> {
             source: Source::AsStated("Reddi, Kale, Kumar, ICLR 2018, Theorem 4"),
             form: Form::Regret {
                 covers: Box::new(|s| s.second == SecondMoment::Max && gamma(s) < 1.0),
-                value: Box::new(|s, run, t, d_inf| {
-                    regret_common(s, run, t, d_inf, 1.0) + amsgrad_lemma2(s, t) / (1.0 - s.beta1) * run.grad_l2_sum
+                terms: Box::new(|s, run, t, d_inf| {
+                    let mut terms = regret_common(s, run, t, d_inf, 1.0);
+                    let log = (1.0 + t.ln()).sqrt();
+                    let value = amsgrad_lemma2(s, t) / (1.0 - s.beta1) * run.grad_l2_sum;
+                    terms.push(Term::new("α√(1+ln T)/((1−β1)²(1−γ)√(1−β2))·Σ‖g_{1:T}‖₂", value, 0.0, t).with_log(log));
+                    terms
                 }),
             },
         },
@@ -260,12 +376,15 @@ pub fn registry() -> Vec<Bound> {
             id: "avgrad-regret".into(),
             title: "AVGrad regret".into(),
             formula: "R_T ≤ D∞²√T/(2α(1−β1))·Σ_i√v̄_{T,i} + D∞²/(2(1−β1))·Σ_tΣ_i β1t√v̄_{t,i}/α_t + α(1+β1)/((1−β1)²√(1−β2))·Σ_i‖g_{1:T,i}‖₂".into(),
-            assumptions: "as AMSGrad's, without γ < 1".into(),
+            assumptions: "as AMSGrad's, without γ < 1, and with a constant β1t = β1 (THEORY.md §4)".into(),
             source: Source::Derived("§4"),
             form: Form::Regret {
-                covers: Box::new(|s| s.second == SecondMoment::Mean),
-                value: Box::new(|s, run, t, d_inf| {
-                    regret_common(s, run, t, d_inf, 0.5) + (1.0 + s.beta1) / (2.0 * (1.0 - s.beta1)) * avgrad_lemma(s) * run.grad_l2_sum
+                covers: Box::new(|s| s.second == SecondMoment::Mean && s.lambda == 1.0),
+                terms: Box::new(|s, run, t, d_inf| {
+                    let mut terms = regret_common(s, run, t, d_inf, 0.5);
+                    let value = (1.0 + s.beta1) / (2.0 * (1.0 - s.beta1)) * avgrad_lemma(s) * run.grad_l2_sum;
+                    terms.push(Term::new("α(1+β1)/((1−β1)²√(1−β2))·Σ‖g_{1:T}‖₂", value, 0.0, t));
+                    terms
                 }),
             },
         },
@@ -273,14 +392,18 @@ pub fn registry() -> Vec<Bound> {
             id: "maxmean-regret".into(),
             title: "AMSGrad↔AVGrad interpolation ρ, regret".into(),
             formula: "R_T ≤ D∞²√T/(2α(1−β1))·Σ_i√D_{T,i} + D∞²/(2(1−β1))·Σ_tΣ_i β1t√D_{t,i}/α_t + ((1+β1)/(2(1−β1)))·[ρ·Λ_max + (1−ρ)·Λ_mean]·Σ_i‖g_{1:T,i}‖₂".into(),
-            assumptions: "as AMSGrad's, D_t = ρ·v̂_t + (1−ρ)·v̄_t".into(),
+            assumptions: "as AMSGrad's, D_t = ρ·v̂_t + (1−ρ)·v̄_t, and with a constant β1t = β1 (THEORY.md §5)".into(),
             source: Source::Derived("§5"),
             form: Form::Regret {
-                covers: Box::new(|s| matches!(s.second, SecondMoment::MaxMean { .. }) && gamma(s) < 1.0),
-                value: Box::new(|s, run, t, d_inf| {
-                    let SecondMoment::MaxMean { rho } = s.second else { return f64::INFINITY };
-                    let lemma = rho * amsgrad_lemma2(s, t) + (1.0 - rho) * avgrad_lemma(s);
-                    regret_common(s, run, t, d_inf, 0.5) + (1.0 + s.beta1) / (2.0 * (1.0 - s.beta1)) * lemma * run.grad_l2_sum
+                covers: Box::new(|s| matches!(s.second, SecondMoment::MaxMean { .. }) && gamma(s) < 1.0 && s.lambda == 1.0),
+                terms: Box::new(|s, run, t, d_inf| {
+                    let SecondMoment::MaxMean { rho } = s.second else { return vec![Term::new("∞", f64::INFINITY, 0.0, t)] };
+                    let mut terms = regret_common(s, run, t, d_inf, 0.5);
+                    let f = (1.0 + s.beta1) / (2.0 * (1.0 - s.beta1)) * run.grad_l2_sum;
+                    let log = (1.0 + t.ln()).sqrt();
+                    terms.push(Term::new("((1+β1)/(2(1−β1)))·ρ·Λ_max·Σ‖g_{1:T}‖₂", f * rho * amsgrad_lemma2(s, t), 0.0, t).with_log(log));
+                    terms.push(Term::new("((1+β1)/(2(1−β1)))·(1−ρ)·Λ_mean·Σ‖g_{1:T}‖₂", f * (1.0 - rho) * avgrad_lemma(s), 0.0, t));
+                    terms
                 }),
             },
         },
@@ -369,21 +492,23 @@ impl PaperSlot {
                                 Variant::Interp { .. } => covers == "interp",
                             }
                     }),
-                    value: Box::new(move |k, s| {
+                    terms: Box::new(move |k, s| {
                         let rho = if let Variant::Interp { rho } = s.variant { rho } else { 1.0 };
-                        self.evaluate(&[
-                            ("d", k.d),
-                            ("R", k.r),
-                            ("L", k.l),
-                            ("Delta", k.delta),
-                            ("eps", s.eps),
-                            ("alpha", s.alpha),
-                            ("beta1", s.beta1),
-                            ("beta2", s.beta2),
-                            ("rho", rho),
-                            ("N", s.steps as f64),
-                        ])
-                        .unwrap_or(f64::NAN)
+                        let value = self
+                            .evaluate(&[
+                                ("d", k.d),
+                                ("R", k.r),
+                                ("L", k.l),
+                                ("Delta", k.delta),
+                                ("eps", s.eps),
+                                ("alpha", s.alpha),
+                                ("beta1", s.beta1),
+                                ("beta2", s.beta2),
+                                ("rho", rho),
+                                ("N", s.steps as f64),
+                            ])
+                            .unwrap_or(f64::NAN);
+                        vec![Term::new("the slot's expression", value, 0.0, s.steps as f64)]
                     }),
                 }
             }
@@ -396,24 +521,26 @@ impl PaperSlot {
                         SecondMoment::MaxMean { .. } => covers == "maxmean",
                         SecondMoment::Ema => false,
                     }),
-                    value: Box::new(move |s, run, t, d_inf| {
+                    terms: Box::new(move |s, run, t, d_inf| {
                         let rho = match s.second {
                             SecondMoment::Mean => 0.0,
                             SecondMoment::MaxMean { rho } => rho,
                             _ => 1.0,
                         };
-                        self.evaluate(&[
-                            ("alpha", s.alpha),
-                            ("beta1", s.beta1),
-                            ("beta2", s.beta2),
-                            ("rho", rho),
-                            ("T", t),
-                            ("Dinf", d_inf),
-                            ("sum_sqrt_D_T", run.sqrt_d_final),
-                            ("momentum_sum", run.momentum_sum),
-                            ("grad_l2_sum", run.grad_l2_sum),
-                        ])
-                        .unwrap_or(f64::NAN)
+                        let value = self
+                            .evaluate(&[
+                                ("alpha", s.alpha),
+                                ("beta1", s.beta1),
+                                ("beta2", s.beta2),
+                                ("rho", rho),
+                                ("T", t),
+                                ("Dinf", d_inf),
+                                ("sum_sqrt_D_T", run.sqrt_d_final),
+                                ("momentum_sum", run.momentum_sum),
+                                ("grad_l2_sum", run.grad_l2_sum),
+                            ])
+                            .unwrap_or(f64::NAN);
+                        vec![Term::new("the slot's expression", value, 0.0, t)]
                     }),
                 }
             }
@@ -456,8 +583,8 @@ mod tests {
         let k = NonconvexConstants { d: 5.0, r: 2.0, l: 3.0, delta: 1.5 };
         for steps in [10, 100, 1000] {
             let s = NonconvexSettings { steps, ..settings(Variant::Interp { rho: 1.0 }) };
-            let ours = interp_explicit(&k, &s);
-            let published = defossez_adam(&k, &NonconvexSettings { variant: Variant::Adam, ..s });
+            let ours = interp_explicit_value(&k, &s);
+            let published = total(&defossez_adam(&k, &NonconvexSettings { variant: Variant::Adam, ..s }));
             assert!(ours <= published * (1.0 + 1e-12), "N={steps}: {ours} > {published}");
         }
     }
@@ -477,9 +604,9 @@ mod tests {
         let b = slot.into_bound().unwrap();
         let k = NonconvexConstants { d: 3.0, r: 1.5, l: 2.0, delta: 0.7 };
         let s = settings(Variant::Adam);
-        let Form::Nonconvex { value, covers } = &b.form else { panic!() };
-        let v = value(&k, &s);
-        assert!((v - defossez_adam(&k, &s)).abs() < 1e-9 * v, "{v}");
+        let Form::Nonconvex { terms, covers } = &b.form else { panic!() };
+        let v = total(&terms(&k, &s));
+        assert!((v - total(&defossez_adam(&k, &s))).abs() < 1e-9 * v, "{v}");
         // It does not apply to another algorithm.
         assert!(covers(&s) && !covers(&settings(Variant::Adagrad)));
     }

@@ -13,12 +13,12 @@ use rayon::prelude::*;
 use serde::Serialize;
 use statrs::distribution::{ContinuousCDF, StudentsT};
 
-use crate::bounds::{tau_weights, Bound, Form, NonconvexConstants};
+use crate::bounds::{tau_weights, total, Bound, Form, NonconvexConstants, Term};
 use crate::frameworks::{
     run_nonconvex, run_regret, NonconvexRun, NonconvexSettings, OnlineLinear, RandomLinear, ReddiSequence,
-    RegretSettings, SecondMoment, Variant,
+    RegretSettings, SecondMoment, SignAdversary, Variant,
 };
-use crate::problems::{Kind, Noise, Objective};
+use crate::problems::{Huber, Kind, Noise, Objective};
 
 /// How much to run.
 #[derive(Clone, Copy, Debug, Serialize, serde::Deserialize)]
@@ -65,6 +65,76 @@ pub struct Row {
     pub tightness: f64,
     pub status: Status,
     pub note: String,
+    /// What the bound's mutants are evaluated on (see [`crate::mutants`]).
+    #[serde(skip)]
+    pub data: Option<InstanceData>,
+}
+
+/// The evidence of one checked instance, kept so that changed bounds (mutants) can be judged
+/// by the same rule without running the optimizer again.
+#[derive(Clone, Debug)]
+pub enum InstanceData {
+    /// The empirical quantity per noise seed, and the bound's terms (the same for every seed).
+    Nonconvex { empirical: Vec<f64>, terms: Vec<Term> },
+    /// The empirical quantity and the bound's (trajectory-dependent) terms, per seed.
+    Semi { empirical: Vec<f64>, terms: Vec<Vec<Term>> },
+    /// The regret and the bound's terms (one deterministic run).
+    Regret { regret: f64, terms: Vec<Term> },
+}
+
+impl InstanceData {
+    /// The check's verdict if the bound's terms were `change`d (the real check: `change` =
+    /// identity): the one-sided 99% rule for expectations, exact comparison for regret.
+    pub fn status(&self, change: &dyn Fn(&[Term]) -> f64) -> Status {
+        match self {
+            InstanceData::Nonconvex { empirical, terms } => {
+                let b = change(terms);
+                if !b.is_finite() {
+                    return Status::Excluded;
+                }
+                let (_, lcb, ucb) = confidence(empirical);
+                verdict(ucb, lcb, b)
+            }
+            InstanceData::Semi { empirical, terms } => {
+                let gaps: Vec<f64> = empirical.iter().zip(terms).map(|(e, t)| e - change(t)).collect();
+                if gaps.iter().any(|g| !g.is_finite()) {
+                    return Status::Excluded;
+                }
+                let (_, lcb, ucb) = confidence(&gaps);
+                verdict(ucb, lcb, 0.0)
+            }
+            InstanceData::Regret { regret, terms } => {
+                let b = change(terms);
+                if !b.is_finite() {
+                    Status::Excluded
+                } else if *regret <= b * (1.0 + 1e-12) {
+                    Status::Pass
+                } else {
+                    Status::Violation
+                }
+            }
+        }
+    }
+
+    /// The mean bound value and empirical quantity.
+    pub fn means(&self, change: &dyn Fn(&[Term]) -> f64) -> (f64, f64) {
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+        match self {
+            InstanceData::Nonconvex { empirical, terms } => (mean(empirical), change(terms)),
+            InstanceData::Semi { empirical, terms } => {
+                (mean(empirical), mean(&terms.iter().map(|t| change(t)).collect::<Vec<_>>()))
+            }
+            InstanceData::Regret { regret, terms } => (*regret, change(terms)),
+        }
+    }
+
+    /// The bound's terms (of the first seed for semi-explicit bounds).
+    pub fn terms(&self) -> &[Term] {
+        match self {
+            InstanceData::Nonconvex { terms, .. } | InstanceData::Regret { terms, .. } => terms,
+            InstanceData::Semi { terms, .. } => &terms[0],
+        }
+    }
 }
 
 /// Mean, and one-sided 99% lower and upper confidence bounds (Student t, n − 1 degrees).
@@ -114,7 +184,11 @@ pub struct Instance {
 
 impl Instance {
     pub fn new(kind: Kind, seed: u64, noise_fraction: f64, eps: f64) -> Self {
-        let objective = kind.instance(seed);
+        Self::of(kind.instance(seed), noise_fraction, eps)
+    }
+
+    /// An instance of `objective`, with noise σ = `noise_fraction`·‖∇F(x0)‖∞.
+    pub fn of(objective: Box<dyn Objective>, noise_fraction: f64, eps: f64) -> Self {
         let c = objective.constants();
         let x0 = objective.x0();
         let g0 = objective.grad(&x0).iter().fold(0.0f64, |a, v| a.max(v.abs()));
@@ -188,29 +262,85 @@ fn variant_for(bound: &Bound, rng: &mut StdRng) -> Option<(Variant, bool)> {
     candidates.into_iter().find(|(v, m)| covers(&probe(*v, *m)))
 }
 
-/// Check one nonconvex instance of `bound`.
-pub fn check_nonconvex(bound: &Bound, instance: usize, seed: u64, size: &Size) -> Option<Row> {
+/// A nonconvex instance as explicit parameters (what the random checks draw and the
+/// adversarial search moves).
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct NonconvexCase {
+    pub kind: Kind,
+    pub problem_seed: u64,
+    pub noise_fraction: f64,
+    pub settings: NonconvexSettings,
+    /// Noise seed s of the runs is noise_seed + s.
+    pub noise_seed: u64,
+    /// For `Kind::Huber`: the problem's shape, set by the adversarial search (instead of the
+    /// one `problem_seed` draws).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub huber: Option<HuberShape>,
+}
+
+/// A [`Huber`] problem with g = 1, centre 0, and every coordinate started at `start`.
+#[derive(Clone, Copy, Debug, Serialize, serde::Deserialize)]
+pub struct HuberShape {
+    pub d: usize,
+    pub delta: f64,
+    pub start: f64,
+}
+
+impl NonconvexCase {
+    pub fn objective(&self) -> Box<dyn Objective> {
+        match (self.kind, self.huber) {
+            (Kind::Huber, Some(h)) => {
+                Box::new(Huber { g: 1.0, delta: h.delta, center: vec![0.0; h.d], start: vec![h.start; h.d] })
+            }
+            _ => self.kind.instance(self.problem_seed),
+        }
+    }
+}
+
+/// The random nonconvex case of instance `instance` of `bound` (None: the bound covers no
+/// nonconvex setting).
+pub fn nonconvex_case(bound: &Bound, instance: usize, seed: u64, size: &Size) -> Option<NonconvexCase> {
     let mut rng = StdRng::seed_from_u64(seed);
     let (variant, momentum) = variant_for(bound, &mut rng)?;
     let kind = Kind::ALL[instance % Kind::ALL.len()];
-    let s = draw_settings(&mut rng, variant, momentum, kind, size.steps);
+    let settings = draw_settings(&mut rng, variant, momentum, kind, size.steps);
     let noise_fraction = if rng.random_bool(0.3) { 0.0 } else { rng.random_range(0.0..0.5) };
-    let inst = Instance::new(kind, seed, noise_fraction, s.eps);
+    Some(NonconvexCase {
+        kind,
+        problem_seed: seed,
+        noise_fraction,
+        settings,
+        noise_seed: seed.wrapping_mul(31),
+        huber: None,
+    })
+}
+
+/// Run `case` with `seeds` noise seeds and confront `bound` with it.
+pub fn evaluate_nonconvex(
+    bound: &Bound,
+    instance: usize,
+    seed: u64,
+    case: &NonconvexCase,
+    seeds: usize,
+) -> Option<Row> {
+    let s = case.settings;
+    let inst = Instance::of(case.objective(), case.noise_fraction, s.eps);
     let mut row = Row {
         bound: bound.id.clone(),
         instance,
         seed,
         problem: format!("{} sigma={:.3e}", inst.objective.name(), inst.noise.sigma),
         settings: serde_json::to_string(&s).unwrap_or_default(),
-        seeds: size.seeds,
+        seeds,
         empirical: f64::NAN,
         empirical_ucb: f64::NAN,
         bound_value: f64::NAN,
         tightness: f64::NAN,
         status: Status::Excluded,
         note: String::new(),
+        data: None,
     };
-    let runs = match inst.runs(&s, size.seeds, seed.wrapping_mul(31)) {
+    let runs = match inst.runs(&s, seeds, case.noise_seed) {
         Ok(r) => r,
         Err(why) => {
             row.note = why;
@@ -221,82 +351,133 @@ pub fn check_nonconvex(bound: &Bound, instance: usize, seed: u64, size: &Size) -
     let (mean, _, ucb) = confidence(&empirical);
     row.empirical = mean;
     row.empirical_ucb = ucb;
-    match &bound.form {
-        Form::Nonconvex { value, .. } => {
-            let b = value(&inst.constants, &s);
-            let (_, lcb, _) = confidence(&empirical);
-            row.bound_value = b;
-            row.status = verdict(ucb, lcb, b);
-        }
-        Form::NonconvexSemi { value, .. } => {
-            let bs: Vec<f64> = runs.iter().map(|r| value(&inst.constants, &s, r)).collect();
-            let gaps: Vec<f64> = empirical.iter().zip(&bs).map(|(e, b)| e - b).collect();
-            let (_, lcb, ucb_gap) = confidence(&gaps);
-            row.bound_value = bs.iter().sum::<f64>() / bs.len() as f64;
-            row.status = verdict(ucb_gap, lcb, 0.0);
+    let data = match &bound.form {
+        Form::Nonconvex { terms, .. } => InstanceData::Nonconvex { empirical, terms: terms(&inst.constants, &s) },
+        Form::NonconvexSemi { terms, .. } => {
+            InstanceData::Semi { empirical, terms: runs.iter().map(|r| terms(&inst.constants, &s, r)).collect() }
         }
         Form::Regret { .. } => return None,
-    }
+    };
+    row.status = data.status(&total);
+    row.bound_value = data.means(&total).1;
     if !row.bound_value.is_finite() {
         row.status = Status::Excluded;
         row.note = "bound not finite for these settings".into();
     }
     row.tightness = row.empirical / row.bound_value;
+    row.data = Some(data);
     Some(row)
 }
 
+/// Check one random nonconvex instance of `bound`.
+pub fn check_nonconvex(bound: &Bound, instance: usize, seed: u64, size: &Size) -> Option<Row> {
+    let case = nonconvex_case(bound, instance, seed, size)?;
+    evaluate_nonconvex(bound, instance, seed, &case, size.seeds)
+}
+
+/// An online problem as data.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub enum OnlineProblem {
+    Reddi { period: usize, big: f64, small: f64 },
+    Random { d: usize, g_inf: f64, drift: Vec<f64>, seed: u64 },
+    SignAdversary { g: f64, center: Vec<f64> },
+}
+
+impl OnlineProblem {
+    pub fn build(&self) -> Box<dyn OnlineLinear + Send + Sync> {
+        match self {
+            OnlineProblem::Reddi { period, big, small } => {
+                Box::new(ReddiSequence { period: *period, big: *big, small: *small })
+            }
+            OnlineProblem::Random { d, g_inf, drift, seed } => {
+                Box::new(RandomLinear { d: *d, g_inf: *g_inf, drift: drift.clone(), seed: *seed })
+            }
+            OnlineProblem::SignAdversary { g, center } => Box::new(SignAdversary { g: *g, center: center.clone() }),
+        }
+    }
+}
+
+/// A regret instance as explicit parameters.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct RegretCase {
+    pub problem: OnlineProblem,
+    pub settings: RegretSettings,
+    pub steps: usize,
+}
+
 /// A random online problem and regret-form settings.
-pub fn draw_regret_case(
-    rng: &mut StdRng,
-    second: SecondMoment,
-    size: &Size,
-    seed: u64,
-) -> (Box<dyn OnlineLinear + Send + Sync>, RegretSettings, usize) {
-    let problem: Box<dyn OnlineLinear + Send + Sync> = if rng.random_bool(0.25) {
+pub fn draw_regret_case(rng: &mut StdRng, second: SecondMoment, size: &Size, seed: u64) -> RegretCase {
+    let u: f64 = rng.random_range(0.0..1.0);
+    let problem = if u < 0.25 {
         let (period, big) = [(3, 2.0), (3, 3.0), (101, 1010.0)][rng.random_range(0..3)];
-        Box::new(ReddiSequence { period, big, small: if period == 101 { -10.0 } else { -1.0 } })
+        OnlineProblem::Reddi { period, big, small: if period == 101 { -10.0 } else { -1.0 } }
+    } else if u < 0.4 {
+        let d = rng.random_range(1..=3);
+        OnlineProblem::SignAdversary {
+            g: rng.random_range(0.5..2.0),
+            center: (0..d).map(|_| rng.random_range(-0.5..0.5)).collect(),
+        }
     } else {
         let d = rng.random_range(1..=5);
-        Box::new(RandomLinear { d, g_inf: 1.5, drift: (0..d).map(|_| rng.random_range(-0.5..0.5)).collect(), seed })
+        OnlineProblem::Random { d, g_inf: 1.5, drift: (0..d).map(|_| rng.random_range(-0.5..0.5)).collect(), seed }
     };
     let beta2 = rng.random_range(0.9..0.999);
-    let s = RegretSettings {
+    let settings = RegretSettings {
         second,
         alpha: log_uniform(rng, 1e-3, 1.0),
         beta1: rng.random_range(0.0..0.9),
         lambda: if rng.random_bool(0.5) { 1.0 } else { rng.random_range(0.9..0.999) },
         beta2,
     };
-    (problem, s, rng.random_range(size.steps.0..=size.steps.1.max(size.steps.0)) * 4)
+    RegretCase { problem, settings, steps: rng.random_range(size.steps.0..=size.steps.1.max(size.steps.0)) * 4 }
 }
 
-/// Check one regret instance of `bound`.
-pub fn check_regret(bound: &Bound, instance: usize, seed: u64, size: &Size) -> Option<Row> {
-    let Form::Regret { covers, value } = &bound.form else { return None };
+/// The random regret case of `bound` for `seed` (None: the bound covers no regret setting). A
+/// decaying β1t is drawn for half the cases of the bounds that allow it.
+pub fn regret_case(bound: &Bound, seed: u64, size: &Size) -> Option<RegretCase> {
+    let Form::Regret { covers, .. } = &bound.form else { return None };
     let mut rng = StdRng::seed_from_u64(seed);
     let rho = rng.random_range(0.0..=1.0);
     let second = [SecondMoment::Max, SecondMoment::Mean, SecondMoment::MaxMean { rho }]
         .into_iter()
         .find(|m| covers(&RegretSettings { second: *m, alpha: 0.1, beta1: 0.5, lambda: 1.0, beta2: 0.99 }))?;
-    let (problem, s, steps) = draw_regret_case(&mut rng, second, size, seed);
-    let run = run_regret(&*problem, &s, steps);
+    let mut case = draw_regret_case(&mut rng, second, size, seed);
+    if !covers(&case.settings) {
+        case.settings.lambda = 1.0;
+    }
+    covers(&case.settings).then_some(case)
+}
+
+/// Run a regret case and confront `bound` with it.
+pub fn evaluate_regret(bound: &Bound, instance: usize, seed: u64, case: &RegretCase) -> Option<Row> {
+    let Form::Regret { terms, .. } = &bound.form else { return None };
+    let problem = case.problem.build();
+    let run = run_regret(&*problem, &case.settings, case.steps);
     let (lo, hi) = problem.bounds();
-    let b = value(&s, &run, steps as f64, hi - lo);
-    let status = if run.regret <= b * (1.0 + 1e-12) { Status::Pass } else { Status::Violation };
+    let data =
+        InstanceData::Regret { regret: run.regret, terms: terms(&case.settings, &run, case.steps as f64, hi - lo) };
+    let b = data.means(&total).1;
     Some(Row {
         bound: bound.id.clone(),
         instance,
         seed,
-        problem: format!("online linear d={} T={steps}", problem.dim()),
-        settings: serde_json::to_string(&s).unwrap_or_default(),
+        problem: format!("online linear d={} T={}", problem.dim(), case.steps),
+        settings: serde_json::to_string(&case.settings).unwrap_or_default(),
         seeds: 1,
         empirical: run.regret,
         empirical_ucb: run.regret,
         bound_value: b,
         tightness: run.regret / b,
-        status,
+        status: data.status(&total),
         note: String::new(),
+        data: Some(data),
     })
+}
+
+/// Check one random regret instance of `bound`.
+pub fn check_regret(bound: &Bound, instance: usize, seed: u64, size: &Size) -> Option<Row> {
+    let case = regret_case(bound, seed, size)?;
+    evaluate_regret(bound, instance, seed, &case)
 }
 
 /// Check every bound on `size.instances` instances each (in parallel over instances).
@@ -381,7 +562,9 @@ mod tests {
             source: crate::bounds::Source::Derived("test"),
             form: Form::Nonconvex {
                 covers: Box::new(|s| s.variant == Variant::Adam && s.beta1 == 0.0),
-                value: Box::new(|_, _| 1e-12),
+                terms: Box::new(|_, s| {
+                    vec![Term { name: "tiny", value: 1e-12, n_power: 0.0, n: s.steps as f64, log: None }]
+                }),
             },
         };
         let rows: Vec<Row> = (0..6).filter_map(|k| check_nonconvex(&fake, k, 7 + k as u64, &SMALL)).collect();

@@ -10,7 +10,7 @@ use rand::SeedableRng;
 use crate::problems::{Noise, Objective};
 
 /// Step-size rule of the nonconvex (Défossez et al.) form.
-#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Variant {
     /// β2 = 1 (v is the plain sum of squares), α_n = α(1 − β1).
     Adagrad,
@@ -22,7 +22,7 @@ pub enum Variant {
 }
 
 /// Settings of a nonconvex-form run.
-#[derive(Clone, Copy, Debug, serde::Serialize)]
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
 pub struct NonconvexSettings {
     pub variant: Variant,
     pub alpha: f64,
@@ -41,6 +41,16 @@ pub fn s_n(beta2: f64, n: usize) -> f64 {
     }
 }
 
+/// mean(S_1..S_n) = (1/(1−β2))·(1 − β2(1 − β2^n)/(n(1 − β2))) in closed form ((n+1)/2 for β2 = 1).
+pub fn mean_s_n(beta2: f64, n: usize) -> f64 {
+    let nf = n as f64;
+    if beta2 == 1.0 {
+        (nf + 1.0) / 2.0
+    } else {
+        (1.0 - beta2 * (1.0 - beta2.powi(n as i32)) / (nf * (1.0 - beta2))) / (1.0 - beta2)
+    }
+}
+
 impl NonconvexSettings {
     /// c_n: the weight of the current squared gradient in the denominator D_n
     /// (D_n = P_n + c_n·G_n² with P_n known before G_n): 1 for Adam/Adagrad, ρ + (1 − ρ)/n.
@@ -56,10 +66,7 @@ impl NonconvexSettings {
         match self.variant {
             Variant::Adagrad => n as f64,
             Variant::Adam => s_n(self.beta2, n),
-            Variant::Interp { rho } => {
-                let mean_s = (1..=n).map(|k| s_n(self.beta2, k)).sum::<f64>() / n as f64;
-                rho * s_n(self.beta2, n) + (1.0 - rho) * mean_s
-            }
+            Variant::Interp { rho } => rho * s_n(self.beta2, n) + (1.0 - rho) * mean_s_n(self.beta2, n),
         }
     }
 
@@ -129,7 +136,7 @@ pub fn run_nonconvex(obj: &dyn Objective, noise: Noise, s: &NonconvexSettings, s
 // The online convex (Reddi, Kale, Kumar 2018) form.
 
 /// Second-moment rule of the regret-form algorithm.
-#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum SecondMoment {
     /// AMSGrad: v̂_t = max(v̂_{t−1}, v_t).
     Max,
@@ -144,7 +151,7 @@ pub enum SecondMoment {
 /// Reddi et al.'s Algorithm 2 with a chosen second moment: m_t = β1t m_{t−1} + (1−β1t) g_t,
 /// v_t = β2 v_{t−1} + (1−β2) g_t², x_{t+1} = Π_box(x_t − α_t m_t/√D_t), α_t = α/√t,
 /// β1t = β1·λ^{t−1}, no bias correction, no ε (D_t > 0 once a gradient is non-zero).
-#[derive(Clone, Copy, Debug, serde::Serialize)]
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
 pub struct RegretSettings {
     pub second: SecondMoment,
     pub alpha: f64,
@@ -168,12 +175,14 @@ pub struct RegretRun {
     pub x_first: Vec<f64>,
 }
 
-/// An online linear problem f_t(x) = ⟨g_t, x⟩ on the box [lo, hi]^d.
+/// An online linear problem f_t(x) = ⟨g_t, x⟩ on the box [lo, hi]^d. g_t may depend on the
+/// iterate x_t (an adaptive adversary): the algorithms are deterministic, so an adaptive
+/// sequence is one fixed sequence for them and every regret bound covers it.
 pub trait OnlineLinear {
     fn dim(&self) -> usize;
     fn bounds(&self) -> (f64, f64);
-    /// g_t for t = 1, 2, …
-    fn gradient(&self, t: usize, out: &mut [f64]);
+    /// g_t for t = 1, 2, …, seeing the iterate x_t.
+    fn gradient(&self, t: usize, x: &[f64], out: &mut [f64]);
 }
 
 /// Reddi et al.'s counterexample: d = 1 on [−1, 1], f_t(x) = C·x if t mod 3 = 1, else −x,
@@ -192,7 +201,7 @@ impl OnlineLinear for ReddiSequence {
     fn bounds(&self) -> (f64, f64) {
         (-1.0, 1.0)
     }
-    fn gradient(&self, t: usize, out: &mut [f64]) {
+    fn gradient(&self, t: usize, _x: &[f64], out: &mut [f64]) {
         out[0] = if t % self.period == 1 { self.big } else { self.small };
     }
 }
@@ -212,7 +221,7 @@ impl OnlineLinear for RandomLinear {
     fn bounds(&self) -> (f64, f64) {
         (-1.0, 1.0)
     }
-    fn gradient(&self, t: usize, out: &mut [f64]) {
+    fn gradient(&self, t: usize, _x: &[f64], out: &mut [f64]) {
         // A counter-based generator so g_t does not depend on the order of calls.
         for (i, o) in out.iter_mut().enumerate() {
             let mut z = self.seed ^ ((t as u64) << 20) ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -221,6 +230,30 @@ impl OnlineLinear for RandomLinear {
             z ^= z >> 31;
             let u = (z >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0;
             *o = (self.drift[i] + u).clamp(-self.g_inf, self.g_inf);
+        }
+    }
+}
+
+/// The adaptive adversary that presses on the regret bounds: g_{t,i} = +G if x_{t,i} ≥ c_i and
+/// −G otherwise, on [−1, 1]^d. The iterate is pushed back across c every round, so the method
+/// pays about G·|x_t − c| per coordinate and round while the best fixed point pays almost
+/// nothing: the regret grows like the step sizes' sum, which is what the bounds' last term
+/// charges for.
+pub struct SignAdversary {
+    pub g: f64,
+    pub center: Vec<f64>,
+}
+
+impl OnlineLinear for SignAdversary {
+    fn dim(&self) -> usize {
+        self.center.len()
+    }
+    fn bounds(&self) -> (f64, f64) {
+        (-1.0, 1.0)
+    }
+    fn gradient(&self, _t: usize, x: &[f64], out: &mut [f64]) {
+        for ((o, x), c) in out.iter_mut().zip(x).zip(&self.center) {
+            *o = if x >= c { self.g } else { -self.g };
         }
     }
 }
@@ -237,7 +270,7 @@ pub fn run_regret(problem: &dyn OnlineLinear, s: &RegretSettings, steps: usize) 
     let mut denom = vec![0.0; d];
     let mut x_first = Vec::with_capacity(steps);
     for t in 1..=steps {
-        problem.gradient(t, &mut g);
+        problem.gradient(t, &x, &mut g);
         for i in 0..d {
             loss += g[i] * x[i];
             g_total[i] += g[i];
@@ -273,5 +306,20 @@ pub fn run_regret(problem: &dyn OnlineLinear, s: &RegretSettings, steps: usize) 
         momentum_sum,
         grad_l2_sum: g_sq.iter().map(|v| v.sqrt()).sum(),
         x_first,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_closed_form_mean_of_s_is_the_mean() {
+        for beta2 in [0.5, 0.9, 0.999, 1.0] {
+            for n in [1, 2, 7, 300] {
+                let direct = (1..=n).map(|k| s_n(beta2, k)).sum::<f64>() / n as f64;
+                assert!((mean_s_n(beta2, n) - direct).abs() <= 1e-9 * direct, "β2={beta2} n={n}");
+            }
+        }
     }
 }

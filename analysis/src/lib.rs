@@ -11,6 +11,10 @@
 //!   slot file for the paper's own statements.
 //! - [`checks`]: every bound against the quantity it controls on random instances, with a
 //!   one-sided confidence rule.
+//! - [`mutants`]: wrong versions of every bound, to measure how much the checks can detect.
+//! - [`search`]: instances that press on the bounds (and on each mutant), and the regression
+//!   set of the worst ones.
+//! - [`lemmas`]: Lemma A and the expected descent step, with exact expectations, nearly tight.
 //! - [`interp`]: the interpolation claim, bound(ρ) and the empirical quantity over a ρ grid.
 //! - [`reddi`]: the Reddi et al. counterexample with the official MADA settings.
 //! - [`report`]: `analysis bounds` — runs all of the above and writes the reports.
@@ -21,7 +25,10 @@ pub mod bounds;
 pub mod checks;
 pub mod frameworks;
 pub mod interp;
+pub mod lemmas;
+pub mod mutants;
 pub mod problems;
 pub mod reddi;
 pub mod report;
+pub mod search;
 pub mod trace;

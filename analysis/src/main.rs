@@ -37,6 +37,10 @@ enum Command {
         /// The slot file with the paper's own bound statements.
         #[arg(long, default_value = "reports/reference/paper-bounds.toml")]
         slots: PathBuf,
+        /// Replace the regression set (experiments/bounds-worst.json) with the worst instances
+        /// this run found.
+        #[arg(long)]
+        keep_worst: bool,
     },
     /// Only the Reddi et al. counterexample (three panels, CSV, table).
     Reddi {
@@ -50,12 +54,25 @@ enum Command {
     },
 }
 
-fn bounds(quick: bool, out: Option<PathBuf>, experiments: &Path, slots: &Path) -> anyhow::Result<bool> {
+fn bounds(
+    quick: bool,
+    out: Option<PathBuf>,
+    experiments: &Path,
+    slots: &Path,
+    keep_worst: bool,
+) -> anyhow::Result<bool> {
     let tier = if quick { "smoke" } else { "cpu" };
     let out = out.unwrap_or_else(|| PathBuf::from(format!("reports/{tier}/analysis")));
     let settings = analysis::report::BoundsSettings::read(&experiments.join("bounds.toml"), tier)?;
-    let o = analysis::report::run(&out, &settings, slots)?;
+    let regression = experiments.join("bounds-worst.json");
+    let o = analysis::report::run(&out, &settings, slots, &regression)?;
+    if keep_worst {
+        std::fs::copy(out.join("worst-instances.json"), &regression)
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", regression.display()))?;
+        eprintln!("bounds: regression set written to {}", regression.display());
+    }
     println!("bounds: {} instances, {} violations", o.instances, o.violations);
+    println!("mutants: {} of {} detected", o.mutants_detected, o.mutants);
     let reddi_file = experiments.join("reddi.toml");
     let steps = reddi_steps(&reddi_file, tier)?;
     eprintln!("bounds: Reddi counterexample ({steps} steps)…");
@@ -81,11 +98,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Trace { spec, out } => analysis::trace::command(&spec, &out),
-        Command::Bounds { quick, out, experiments, slots } => match bounds(quick, out, &experiments, &slots) {
-            Ok(true) => Ok(()),
-            Ok(false) => return ExitCode::FAILURE,
-            Err(e) => Err(e),
-        },
+        Command::Bounds { quick, out, experiments, slots, keep_worst } => {
+            match bounds(quick, out, &experiments, &slots, keep_worst) {
+                Ok(true) => Ok(()),
+                Ok(false) => return ExitCode::FAILURE,
+                Err(e) => Err(e),
+            }
+        }
         Command::Reddi { steps, out, experiment } => analysis::reddi::Settings::read(&experiment)
             .and_then(|s| analysis::report::reddi_outputs(&out, &s, steps, 1_000))
             .map(|md| print!("{md}")),

@@ -439,8 +439,58 @@ impl Objective for TanhNet {
     }
 }
 
+// -------------------------------------------------------------------------------------------
+/// F(x) = g·Σ_i (√((x_i − c_i)² + δ²) − δ): a smoothed ℓ1 (pseudo-Huber) whose gradient keeps
+/// almost its full magnitude g until the iterate is within δ of c. It is the problem the bounds
+/// are nearly tight on: ‖∇F‖² stays near d·R² while the method travels, and F(x0) − F* is what
+/// the travel costs. ∂_i F = g·e_i/√(e_i² + δ²) with e = x − c, so |∂_i F| < g everywhere;
+/// ∂²_i F = g·δ²/(e_i² + δ²)^{3/2} ≤ g/δ and the Hessian is diagonal, so L = g/δ; F ≥ 0, convex.
+pub struct Huber {
+    pub g: f64,
+    pub delta: f64,
+    pub center: Vec<f64>,
+    pub start: Vec<f64>,
+}
+
+impl Objective for Huber {
+    fn name(&self) -> String {
+        format!("huber(d={}, g={:.2}, delta={:.1e})", self.center.len(), self.g, self.delta)
+    }
+    fn dim(&self) -> usize {
+        self.center.len()
+    }
+    fn value(&self, x: &[f64]) -> f64 {
+        x.iter()
+            .zip(&self.center)
+            .map(|(x, c)| self.g * (((x - c).powi(2) + self.delta.powi(2)).sqrt() - self.delta))
+            .sum()
+    }
+    fn grad(&self, x: &[f64]) -> Vec<f64> {
+        x.iter()
+            .zip(&self.center)
+            .map(|(x, c)| {
+                let e = x - c;
+                self.g * e / (e * e + self.delta * self.delta).sqrt()
+            })
+            .collect()
+    }
+    fn constants(&self) -> Constants {
+        Constants {
+            d: self.dim(),
+            smoothness: self.g / self.delta,
+            grad_sup: self.g,
+            inf_lower: 0.0,
+            convex: true,
+            region: Region::Everywhere,
+        }
+    }
+    fn x0(&self) -> Vec<f64> {
+        self.start.clone()
+    }
+}
+
 /// The kinds of problem the checks draw from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub enum Kind {
     Quadratic,
     LogisticSeparable,
@@ -448,16 +498,18 @@ pub enum Kind {
     Rosenbrock,
     RobustRegression,
     TanhNet,
+    Huber,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Quadratic,
         Kind::LogisticSeparable,
         Kind::LogisticNoisy,
         Kind::Rosenbrock,
         Kind::RobustRegression,
         Kind::TanhNet,
+        Kind::Huber,
     ];
 
     /// A random instance of this kind from `seed`.
@@ -482,6 +534,17 @@ impl Kind {
                 Box::new(RobustRegression::random(rng.random_range(20..60), rng.random_range(2..6), &mut rng))
             }
             Kind::TanhNet => Box::new(TanhNet::random(rng.random_range(10..30), 3, rng.random_range(2..5), &mut rng)),
+            Kind::Huber => {
+                let d = rng.random_range(1..=4);
+                Box::new(Huber {
+                    g: rng.random_range(0.5..2.0),
+                    delta: 10f64.powf(rng.random_range(-2.0..0.0)),
+                    center: vec![0.0; d],
+                    start: (0..d)
+                        .map(|_| rng.random_range(0.5..5.0) * if rng.random_bool(0.5) { 1.0 } else { -1.0 })
+                        .collect(),
+                })
+            }
         }
     }
 }

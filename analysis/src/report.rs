@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
-use crate::bounds::{read_slots, registry, Bound, Form};
+use crate::bounds::{read_slots, registry, total, Bound, Form};
 use crate::checks::{check_all, expected_grad_norm, summarize, Instance, Row, Size, Summary};
 use crate::frameworks::{NonconvexSettings, Variant};
 use crate::interp::{explicit_minimized_at_adam, nonconvex_curves, regret_curves, Curve};
@@ -26,6 +26,10 @@ pub struct BoundsSettings {
     pub curves: usize,
     /// `quick` (CI size) or `full`, for the report's wording.
     pub quick: bool,
+    /// The adversarial search's budget.
+    pub search: crate::search::SearchSettings,
+    /// The lemma-level checks' budget.
+    pub lemmas: crate::lemmas::LemmaSettings,
 }
 
 impl BoundsSettings {
@@ -47,6 +51,9 @@ impl BoundsSettings {
 pub struct Outcome {
     pub instances: usize,
     pub violations: usize,
+    /// Mutants the instances detect, of all mutants.
+    pub mutants_detected: usize,
+    pub mutants: usize,
 }
 
 /// The interpolation study of one framework, counted (THEORY.md §6).
@@ -89,6 +96,16 @@ pub struct BoundsReport {
     pub interpolation: Vec<InterpolationCounts>,
     /// Instances where the explicit nonconvex bound is smallest at the Adam end.
     pub explicit_minimized_at_adam: usize,
+    /// Mutants detected, of all mutants (`mutants.md` lists them).
+    pub mutants_detected: usize,
+    pub mutants: usize,
+    /// Per bound, the largest empirical/bound the adversarial search found.
+    pub worst_found: Vec<(String, f64)>,
+    /// Instances of the regression set and the search (also in `instances`), and their violations.
+    pub searched_instances: usize,
+    pub searched_violations: usize,
+    /// The lemma-level checks (`lemmas.md`); their violations are counted in `violations`.
+    pub lemmas: Vec<crate::lemmas::LemmaReport>,
 }
 
 impl BoundsReport {
@@ -165,7 +182,13 @@ fn rows_csv(rows: &[Row]) -> String {
     s
 }
 
-fn bounds_markdown(bounds: &[Bound], summaries: &[Summary], size: &Size, mode: &str) -> String {
+fn bounds_markdown(
+    bounds: &[Bound],
+    summaries: &[Summary],
+    worst: &[(String, f64)],
+    size: &Size,
+    mode: &str,
+) -> String {
     let mut md = String::new();
     let _ = writeln!(md, "# Bound checks ({mode})\n");
     let _ = writeln!(
@@ -180,13 +203,14 @@ fn bounds_markdown(bounds: &[Bound], summaries: &[Summary], size: &Size, mode: &
     );
     let _ = writeln!(
         md,
-        "| bound | source | instances | checked | excluded | violations | unresolved | tightness min | median | max |"
+        "| bound | source | instances | checked | excluded | violations | unresolved | tightness min | median | max | max found by the search |"
     );
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|");
     for (b, s) in bounds.iter().zip(summaries) {
+        let found = worst.iter().find(|w| w.0 == b.id).map_or("–".to_string(), |w| format!("{:.3}", w.1));
         let _ = writeln!(
             md,
-            "| `{}` | {} | {} | {} | {} | {} | {} | {:.2e} | {:.2e} | {:.2e} |",
+            "| `{}` | {} | {} | {} | {} | {} | {} | {:.2e} | {:.2e} | {:.2e} | {found} |",
             b.id,
             b.source.label(),
             s.instances,
@@ -274,9 +298,9 @@ fn bound_vs_n_figure(out: &Path, seeds: usize, quick: bool) -> Result<()> {
             let runs = inst.runs(&s, seeds, 99).map_err(|e| anyhow::anyhow!(e))?;
             let e = runs.iter().map(|r| expected_grad_norm(r, 0.0)).sum::<f64>() / runs.len() as f64;
             let b = match &bound.form {
-                Form::Nonconvex { value, .. } => value(&inst.constants, &s),
-                Form::NonconvexSemi { value, .. } => {
-                    runs.iter().map(|r| value(&inst.constants, &s, r)).sum::<f64>() / runs.len() as f64
+                Form::Nonconvex { terms, .. } => total(&terms(&inst.constants, &s)),
+                Form::NonconvexSemi { terms, .. } => {
+                    runs.iter().map(|r| total(&terms(&inst.constants, &s, r))).sum::<f64>() / runs.len() as f64
                 }
                 Form::Regret { .. } => f64::NAN,
             };
@@ -450,8 +474,10 @@ pub fn reddi_outputs(out: &Path, settings: &reddi::Settings, steps: u64, every: 
     Ok(md)
 }
 
-/// The bound checks and the interpolation study, written to `out`.
-pub fn run(out: &Path, settings: &BoundsSettings, slots: &Path) -> Result<Outcome> {
+/// The bound checks and the interpolation study, written to `out`. `regression` is the fixed
+/// set of worst instances (checked again, and the search's start points); the new set is
+/// written to `out/worst-instances.json`.
+pub fn run(out: &Path, settings: &BoundsSettings, slots: &Path, regression: &Path) -> Result<Outcome> {
     let (size, quick) = (settings.size, settings.quick);
     let mut bounds = registry();
     for slot in read_slots(slots)? {
@@ -466,9 +492,34 @@ pub fn run(out: &Path, settings: &BoundsSettings, slots: &Path) -> Result<Outcom
     let rows = check_all(&bounds, &size, &|| bar.inc(1));
     bar.finish_and_clear();
     let summaries: Vec<Summary> = bounds.iter().map(|b| summarize(&b.id, &rows)).collect();
+    let kept = crate::search::read_kept(regression)?;
+    eprintln!(
+        "bounds: adversarial search ({} evaluations per bound and per mutant, {} kept instances)…",
+        settings.search.evaluations,
+        kept.len()
+    );
+    let found = crate::search::run(&bounds, &rows, &kept, &size, &settings.search);
+    write_atomically(&out.join("worst-instances.json"), serde_json::to_string_pretty(&found.kept)?.as_bytes())?;
+    let searched = &found.rows;
+    let searched_checked = searched.iter().filter(|r| r.status != crate::checks::Status::Excluded).count();
+    let searched_violations = searched
+        .iter()
+        .filter(|r| matches!(r.status, crate::checks::Status::Violation | crate::checks::Status::Unresolved))
+        .count();
+    let rows: Vec<Row> = rows.into_iter().chain(found.rows.iter().cloned()).collect();
+    eprintln!("bounds: lemma-level checks…");
+    let lemmas = crate::lemmas::run(&settings.lemmas);
+    write_atomically(&out.join("lemmas.md"), crate::lemmas::markdown(&lemmas).as_bytes())?;
+    let lemma_violations: usize = lemmas.iter().map(|l| l.violations).sum();
     let mode = if quick { "quick" } else { "full" };
     write_atomically(&out.join("instances.csv"), rows_csv(&rows).as_bytes())?;
-    write_atomically(&out.join("bounds.md"), bounds_markdown(&bounds, &summaries, &size, mode).as_bytes())?;
+    write_atomically(
+        &out.join("bounds.md"),
+        bounds_markdown(&bounds, &summaries, &found.worst, &size, mode).as_bytes(),
+    )?;
+    let mutants = crate::mutants::evaluate(&rows);
+    let mutants_detected = mutants.iter().filter(|m| m.detected()).count();
+    write_atomically(&out.join("mutants.md"), crate::mutants::markdown(&mutants).as_bytes())?;
 
     eprintln!("bounds: interpolation curves ({curves_n} instances per framework)…");
     let nc = nonconvex_curves(curves_n, &size);
@@ -478,8 +529,9 @@ pub fn run(out: &Path, settings: &BoundsSettings, slots: &Path) -> Result<Outcom
     curves_figure(out, &nc, &rg)?;
     bound_vs_n_figure(out, size.seeds, quick)?;
 
-    let checked: usize = summaries.iter().map(|s| s.checked).sum();
-    let violations: usize = summaries.iter().map(|s| s.violations).sum();
+    let checked: usize = summaries.iter().map(|s| s.checked).sum::<usize>() + searched_checked;
+    let violations: usize =
+        summaries.iter().map(|s| s.violations).sum::<usize>() + searched_violations + lemma_violations;
     let report = BoundsReport {
         mode: mode.into(),
         instances: checked,
@@ -490,7 +542,13 @@ pub fn run(out: &Path, settings: &BoundsSettings, slots: &Path) -> Result<Outcom
             InterpolationCounts::of("regret bound (AMSGrad ρ = 1 ↔ AVGrad ρ = 0)", &rg),
         ],
         explicit_minimized_at_adam: explicit_minimized_at_adam(&nc),
+        mutants_detected,
+        mutants: mutants.len(),
+        worst_found: found.worst.clone(),
+        searched_instances: searched_checked,
+        searched_violations,
+        lemmas,
     };
     write_atomically(&out.join("bounds.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
-    Ok(Outcome { instances: checked, violations })
+    Ok(Outcome { instances: checked, violations, mutants_detected, mutants: mutants.len() })
 }

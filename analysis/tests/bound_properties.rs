@@ -13,7 +13,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
     #[test]
-    fn every_bound_holds_on_random_instances(bound in 0usize..9, instance in 0usize..600, seed in any::<u64>()) {
+    fn every_bound_holds_on_random_instances(bound in 0usize..registry().len(), instance in 0usize..600, seed in any::<u64>()) {
         let bounds = registry();
         let b = &bounds[bound];
         eprintln!("replay: bound={} instance={instance} seed={seed}", b.id);
@@ -35,11 +35,25 @@ fn the_quick_report_finds_no_violation() {
     let dir = tempfile::tempdir().unwrap();
     let catalog = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments");
     let settings = analysis::report::BoundsSettings::read(&catalog.join("bounds.toml"), "smoke").unwrap();
-    let outcome = analysis::report::run(dir.path(), &settings, &dir.path().join("no-slots.toml")).unwrap();
+    let outcome = analysis::report::run(
+        dir.path(),
+        &settings,
+        &dir.path().join("no-slots.toml"),
+        &catalog.join("bounds-worst.json"),
+    )
+    .unwrap();
     let reddi = analysis::reddi::Settings::read(&catalog.join("reddi.toml")).unwrap();
     analysis::report::reddi_outputs(dir.path(), &reddi, 20_000, 1_000).unwrap();
     assert!(outcome.instances >= 100, "{} instances", outcome.instances);
     assert_eq!(outcome.violations, 0);
+    // The checks have power: a fifth of the wrong bounds is caught even at the quick size
+    // (the full size: reports/cpu/analysis/mutants.md).
+    assert!(
+        outcome.mutants_detected * 5 >= outcome.mutants,
+        "mutants: {} of {}",
+        outcome.mutants_detected,
+        outcome.mutants
+    );
     for f in [
         "instances.csv",
         "bounds.md",
@@ -48,7 +62,41 @@ fn the_quick_report_finds_no_violation() {
         "bound_of_rho.png",
         "reddi.png",
         "reddi.csv",
+        "mutants.md",
+        "lemmas.md",
+        "worst-instances.json",
     ] {
         assert!(dir.path().join(f).exists(), "{f} missing");
     }
+}
+
+/// The regression set of worst instances (experiments/bounds-worst.json, written by
+/// `analysis bounds --keep-worst`): every instance still passes its bound, and presses on it
+/// exactly as hard as when it was kept (the runs are deterministic).
+#[test]
+fn the_kept_worst_instances_still_pass_and_press_on_their_bounds() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/bounds-worst.json");
+    let kept = analysis::search::read_kept(&path).unwrap();
+    assert!(!kept.is_empty(), "{} is empty", path.display());
+    let bounds = registry();
+    let mut worst = std::collections::BTreeMap::<String, f64>::new();
+    for k in &kept {
+        let bound = bounds.iter().find(|b| b.id == k.bound).unwrap_or_else(|| panic!("unknown bound {}", k.bound));
+        let row = analysis::search::evaluate(bound, &k.case, 0, 16).expect("the bound covers its kept case");
+        assert_eq!(row.status, Status::Pass, "{}: {:?} on {}", k.bound, row.status, row.settings);
+        assert!(
+            (row.tightness - k.tightness).abs() <= 1e-6 * k.tightness.abs(),
+            "{}: tightness {} now, {} when kept",
+            k.bound,
+            row.tightness,
+            k.tightness
+        );
+        let w = worst.entry(k.bound.clone()).or_insert(0.0);
+        *w = w.max(row.tightness);
+    }
+    // Every bound has a kept instance, and the regret bounds' are nearly tight.
+    for b in &bounds {
+        assert!(worst.contains_key(&b.id), "no kept instance of {}", b.id);
+    }
+    assert!(worst["avgrad-regret"] > 0.5, "{worst:?}");
 }

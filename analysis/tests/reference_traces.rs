@@ -88,3 +88,34 @@ fn bad_specs_are_refused_with_a_clear_error() {
         assert!(!dir.path().join("o.csv").exists(), "case {i} left an output");
     }
 }
+
+/// Claim 5's variant through `trace`: `"running": "max"` (ρ between v_t and AMSGrad's running
+/// maximum) runs from a spec file, learns ρ along another path than the running mean, and the
+/// command writes what the library computes.
+#[test]
+fn the_max_variant_traces_through_the_command_line() {
+    let spec_text = std::fs::read_to_string(reference_dir().join("mada_interior.json")).unwrap();
+    let mut spec: serde_json::Value = serde_json::from_str(&spec_text).unwrap();
+    spec["optimizer"]["running"] = "max".into();
+    let dir = tempfile::tempdir().unwrap();
+    let (path, out) = (dir.path().join("max.json"), dir.path().join("max.csv"));
+    std::fs::write(&path, serde_json::to_string(&spec).unwrap()).unwrap();
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_analysis"))
+        .args(["trace", path.to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let ours = Trace::from_csv(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let direct = analysis::trace::run(&analysis::trace::TraceSpec::read(&path).unwrap()).unwrap();
+    assert_eq!(compare(&ours, &direct, 1e-300, 0.0).unwrap().0, 0.0, "the command and the library disagree");
+    let mean = Trace::from_csv(&std::fs::read_to_string(reference_dir().join("mada_interior.csv")).unwrap()).unwrap();
+    let rho = ours.header.iter().position(|h| h == "rho").unwrap();
+    let last = ours.rows.len() - 1;
+    assert!(
+        (ours.rows[last][rho] - mean.rows[last][rho]).abs() > 1e-6,
+        "ρ after {} updates: max {} vs mean {}",
+        last + 1,
+        ours.rows[last][rho],
+        mean.rows[last][rho]
+    );
+}

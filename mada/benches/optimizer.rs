@@ -37,6 +37,13 @@ fn time_optimizer(opt: &mut dyn Optimizer<f32>, n: usize, reps: usize) -> f64 {
     })
 }
 
+/// Bytes per parameter a MADA step (all coefficients learned, f32, running mean) must move:
+/// the hyper-gradient pass reads w, g, d, v_old, m, v, v̄, n (8 × 4) and the Lion sign byte
+/// (33); the update reads p, g, m, v, v̄, n, g_prev, mL (8 × 4) and writes p, m, v, v̄, n,
+/// g_prev, mL, d_prev, v_prev (9 × 4) and the sign byte (69). Two passes are the algorithm's:
+/// the update needs the coefficients after the hyper-step, which needs the whole hyper-gradient.
+const MADA_BYTES_PER_PARAM: usize = 33 + 69;
+
 fn main() {
     let threads = rayon::current_num_threads();
     println!("optimizer step benchmark: f32, {threads} threads, median of repeated steps");
@@ -74,6 +81,13 @@ fn main() {
         println!("memory yardstick, 3 reads + 1 write ({label} f32): {:.3} ms = {gbps:.1} GB/s", t_triad * 1e3);
         println!("mada/adam step ratio ({label} f32): {:.2}", t_mada / t_adam);
         println!("mada-frozen/adam step ratio ({label} f32): {:.2}", t_frozen / t_adam);
+        // The floor: the bytes the step must move at the yardstick's bandwidth.
+        let floor = (MADA_BYTES_PER_PARAM * n) as f64 / (gbps * 1e9);
+        println!(
+            "mada step memory-traffic floor ({label} f32, {MADA_BYTES_PER_PARAM} bytes/parameter): {:.3} ms",
+            floor * 1e3
+        );
+        println!("mada step / memory-traffic floor ({label} f32): {:.2}", t_mada / floor);
     }
     println!("optimizer state, bytes per f32 parameter:");
     for spec in [

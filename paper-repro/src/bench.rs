@@ -1,7 +1,10 @@
 //! `just bench-train`: throughput of a training step (forward, backward, the optimizer) for the
 //! CPU-tier models, with Adam and with MADA (all six coefficients learned), and where the time
 //! goes. Printed lines include `baby-gpt tokens/s (adam): X`, `baby-gpt tokens/s (mada): X`,
-//! `cnn images/s (adam): X`, … as the issue asks.
+//! `cnn images/s (adam): X`, … and, when a Python with torch is found (`MADA_TORCH_PYTHON`, else
+//! `python3`), the same models' steps in PyTorch on the same threads, timed in the same run, as
+//! `baby-gpt ours/pytorch: R`, `cnn ours/pytorch: R`, `resnet ours/pytorch: R` (ours with Adam).
+//! The PyTorch scripts are `paper-repro/bench/*.py`, embedded in the binary.
 
 use std::path::Path;
 
@@ -81,6 +84,44 @@ fn matmul_gflops(reps: usize) -> Result<f64> {
     Ok(rates[rates.len() / 2])
 }
 
+const PYTORCH_BABY_GPT: &str = include_str!("../bench/pytorch_baby_gpt.py");
+const PYTORCH_VISION: &str = include_str!("../bench/pytorch_vision.py");
+
+/// A Python that imports torch: `MADA_TORCH_PYTHON`, else `python3` (None: PyTorch's side is
+/// skipped, with a line saying so).
+fn torch_python() -> Option<String> {
+    let python = std::env::var("MADA_TORCH_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = std::process::Command::new(&python)
+        .args(["-c", "import torch"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    ok.then_some(python)
+}
+
+/// Run one embedded PyTorch script on `threads` threads and read the number after `key: ` in
+/// its output.
+fn pytorch_rate(python: &str, scratch: &Path, script: &str, args: &[&str], key: &str, threads: usize) -> Result<f64> {
+    use anyhow::Context;
+    let path = scratch.join("bench.py");
+    std::fs::write(&path, script)?;
+    let out = std::process::Command::new(python)
+        .arg(&path)
+        .args(args)
+        .env("OMP_NUM_THREADS", threads.to_string())
+        .env("MKL_NUM_THREADS", threads.to_string())
+        .output()
+        .with_context(|| format!("cannot run {python}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        anyhow::bail!("the PyTorch benchmark failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    text.lines()
+        .find_map(|l| l.split_once(key).and_then(|(_, v)| v.trim_start_matches(':').trim().parse::<f64>().ok()))
+        .with_context(|| format!("no `{key}` line in the PyTorch benchmark's output: {text}"))
+}
+
 /// Run the benchmark; `data` is a scratch folder for the benchmark's corpus.
 pub fn run(scratch: &Path, steps: u64) -> Result<()> {
     let macbeth = crate::data::embedded::MACBETH.to_string();
@@ -100,9 +141,13 @@ pub fn run(scratch: &Path, steps: u64) -> Result<()> {
         eval_chunks: 1,
         eval_batch: 1,
     };
+    let mut ours = Vec::new();
     for (name, opt) in [("adam", ADAM), ("mada", MADA)] {
         let spec = base(lm(), opt, 8);
         let (tps, model, optim) = measure(&spec, steps)?;
+        if name == "adam" {
+            ours.push(("baby-gpt", tps));
+        }
         println!("baby-gpt tokens/s ({name}): {tps:.0}");
         println!("  batch 8 × 256 tokens: forward+backward {:.0} ms, optimizer (hyper-gradient, clip, decay, update) {:.1} ms", model * 1e3, optim * 1e3);
     }
@@ -120,10 +165,27 @@ pub fn run(scratch: &Path, steps: u64) -> Result<()> {
                 test_subset: 0,
             };
             let (ips, m, o) = measure(&base(task, opt, 128), steps)?;
+            if name == "adam" {
+                ours.push((model_name, ips));
+            }
             println!("{model_name} images/s ({name}): {ips:.0}");
             println!("  batch 128: forward+backward {:.0} ms, optimizer {:.1} ms", m * 1e3, o * 1e3);
         }
     }
-    println!("(PyTorch reference on the same machine: paper-repro/bench/pytorch_baby_gpt.py)");
+    let Some(python) = torch_python() else {
+        println!("pytorch: not importable (set MADA_TORCH_PYTHON to a Python with torch); no ratios");
+        return Ok(());
+    };
+    let steps_arg = steps.max(3).to_string();
+    for (model_name, rate) in ours {
+        let theirs = match model_name {
+            "baby-gpt" => {
+                pytorch_rate(&python, scratch, PYTORCH_BABY_GPT, &["8", &steps_arg], "tokens/s (adamw)", threads)?
+            }
+            m => pytorch_rate(&python, scratch, PYTORCH_VISION, &[m, "128", &steps_arg], "images/s (adam)", threads)?,
+        };
+        println!("{model_name} pytorch: {theirs:.0}");
+        println!("{model_name} ours/pytorch: {:.2}", rate / theirs);
+    }
     Ok(())
 }

@@ -287,14 +287,24 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Plan { tier, only, specs, at } => {
+            use std::io::Write as _;
             let paths = at.paths();
+            let mut stdout = std::io::stdout().lock();
             for e in paper_repro::catalog::load(&paths.experiments)?
                 .iter()
                 .filter(|e| only.as_ref().is_none_or(|o| *o == e.artifact))
             {
                 for r in e.plan(tier, &paths.runs)? {
                     let state = paper_repro::results::runs::RunData::read(&r)?.status;
-                    println!("{} {} seed {}: {} ({state:?})", e.artifact, r.spec.label, r.seed, r.dir.display());
+                    // writeln, not println: a closed pipe (`plan | head`) ends the listing quietly.
+                    writeln!(
+                        stdout,
+                        "{} {} seed {}: {} ({state:?})",
+                        e.artifact,
+                        r.spec.label,
+                        r.seed,
+                        r.dir.display()
+                    )?;
                     if let Some(dir) = &specs {
                         let name = r.dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
                         let file = dir.join(format!("{}-{name}.json", e.artifact));
@@ -338,6 +348,10 @@ fn main() -> ExitCode {
     paper_repro::models::ops::init_compute_threads();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader of the output went away (`plan | head`): not an error of ours.
+        Err(e) if e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) => {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             // A run that diverged is a result, not a broken pipeline: its own exit code.

@@ -143,11 +143,15 @@ pub fn reproduce(paths: &Paths, tier: Tier, opts: &Options) -> Result<Outcome> {
                     continue;
                 };
                 let slots = paths.reference().join("paper-bounds.toml");
-                match multi.suspend(|| analysis::report::run(&paths.analysis(tier), settings, &slots)) {
-                    Ok(o) if o.violations > 0 => {
-                        failures.push(format!("{}: {} bound violations", e.artifact, o.violations))
+                let regression = paths.experiments.join("bounds-worst.json");
+                match multi.suspend(|| analysis::report::run(&paths.analysis(tier), settings, &slots, &regression)) {
+                    Ok(o) => {
+                        println!("bounds: {} instances, {} violations", o.instances, o.violations);
+                        println!("mutants: {} of {} detected", o.mutants_detected, o.mutants);
+                        if o.violations > 0 {
+                            failures.push(format!("{}: {} bound violations", e.artifact, o.violations))
+                        }
                     }
-                    Ok(_) => {}
                     Err(err) => failures.push(failed(err)),
                 }
             }

@@ -120,4 +120,26 @@ mod tests {
         let e = format!("{:#}", extract(dir.path()).unwrap_err());
         assert!(e.contains("line 1") && e.contains("traj_owt_gpt2_124_adam.txt"), "{e}");
     }
+
+    /// The committed extraction ends where the official logs end: the final validation losses
+    /// the experiment file quotes (digest §8.2), and MADA run A's start at the AVGrad point.
+    #[test]
+    fn the_committed_extraction_matches_the_quoted_official_numbers() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let runs = read(&root.join("reports/reference/official-gpt2-124m.csv")).unwrap();
+        let e = crate::catalog::read(&root.join("experiments/gpt2-124m.toml")).unwrap();
+        let quoted = &e.reference.unwrap().values;
+        for (name, key) in [
+            (RUNS[0].0, "Adam"),
+            (RUNS[1].0, "MADA (run A, start ρ = 0)"),
+            (RUNS[2].0, "MADA (run B, start β = 0.7, 0.8)"),
+            (RUNS[3].0, "MADA (run C, start β3 = 0.9)"),
+        ] {
+            let run = runs.iter().find(|r| r.name == name).unwrap();
+            let last = run.rows.last().unwrap();
+            assert_eq!(last.0, 100_000);
+            assert!((last.3 - quoted[key]).abs() < 1e-6, "{name}: {} vs {}", last.3, quoted[key]);
+        }
+        assert_eq!(runs[1].rows[0].1, [0.9, 0.95, 0.0, 0.0, 1.0, 1.0]);
+    }
 }
