@@ -38,6 +38,45 @@ fn every_reference_trace_is_reproduced() {
     eprintln!("{}", report.join("\n"));
 }
 
+/// The same reference trajectories through the device path (optimizer state as candle tensors,
+/// what a CUDA device runs), forced onto the CPU device: same tolerance, every cell.
+#[test]
+fn every_reference_trace_is_reproduced_by_the_device_path() {
+    use analysis::trace::TraceSpec;
+    use candle_core::{Device, Tensor, Var};
+    use mada::candle::VarOptimizer;
+    use mada::AnyOptimizer;
+    for (name, spec, csv) in analysis::trace::REFERENCE_TRACES {
+        let spec = TraceSpec::parse(spec).unwrap();
+        let p = &spec.problem;
+        let x = Var::from_tensor(&Tensor::new(p.x0.as_slice(), &Device::Cpu).unwrap()).unwrap();
+        let opt = AnyOptimizer::<f64>::from_spec(&spec.optimizer).unwrap();
+        let is_mada = opt.as_mada().is_some();
+        let mut opt = VarOptimizer::with_optimizer(vec![x.clone()], opt, spec.lr).unwrap().with_device_path_on_cpu();
+        let mut rows = Vec::new();
+        for step in 1..=spec.steps {
+            let now = x.as_tensor().to_vec1::<f64>().unwrap();
+            let mut grads = Tensor::new(0f64, &Device::Cpu).unwrap().backward().unwrap();
+            grads.insert(x.as_tensor(), Tensor::new(p.grad(&now).as_slice(), &Device::Cpu).unwrap());
+            // As the trainer takes an update: hyper-gradient, coefficient step, parameter update.
+            if let Some(h) = opt.mada_hypergradient(&grads).unwrap() {
+                opt.apply_mada_hypergradient(h).unwrap();
+            }
+            opt.update(&grads).unwrap();
+            let mut row = vec![step as f64, p.loss(&now)];
+            row.extend(x.as_tensor().to_vec1::<f64>().unwrap());
+            if is_mada {
+                row.extend(opt.optimizer().as_mada().unwrap().coefficients().to_array());
+            }
+            rows.push(row);
+        }
+        let reference = Trace::from_csv(csv).unwrap();
+        let ours = Trace { header: reference.header.clone(), rows };
+        let (ratio, row, col) = compare(&ours, &reference, 1e-9, 1e-8).unwrap();
+        assert!(ratio <= 1.0, "{name} (device path) deviates at row {row}, column {col}: {ratio} × tolerance");
+    }
+}
+
 /// Bad specs end in one clear error naming the key, the optimizer or the dimension.
 /// The embedded copies (what the report's claim 1 reruns) are the files of this folder.
 #[test]

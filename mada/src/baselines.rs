@@ -62,7 +62,7 @@ impl<T, const N: usize> TensorState for Buffers<T, N> {
 }
 
 impl<T: Float, const N: usize> Buffers<T, N> {
-    fn filled(len: usize, values: [T; N]) -> Self {
+    pub(crate) fn filled(len: usize, values: [T; N]) -> Self {
         Self { t: 0, bufs: values.map(|x| vec![x; len]) }
     }
 }
@@ -96,6 +96,15 @@ pub struct Sgd<T> {
 }
 
 impl<T: Float> Sgd<T> {
+    /// The settings.
+    pub fn config(&self) -> &SgdConfig {
+        &self.config
+    }
+
+    pub(crate) fn states_mut(&mut self) -> &mut TensorStates<Buffers<T, 1>> {
+        &mut self.states
+    }
+
     pub fn new(config: SgdConfig) -> Result<Self, OptimError> {
         check_range("momentum", config.momentum, 0.0, 1.0)?;
         check_range("dampening", config.dampening, 0.0, 1.0)?;
@@ -298,6 +307,10 @@ macro_rules! adam_like {
             pub fn config(&self) -> &AdamConfig {
                 &self.config
             }
+
+            pub(crate) fn states_mut(&mut self) -> &mut TensorStates<Buffers<T, $n>> {
+                &mut self.states
+            }
         }
 
         impl<T: Float> Optimizer<T> for $name<T> {
@@ -361,6 +374,15 @@ pub struct Yogi<T> {
 }
 
 impl<T: Float> Yogi<T> {
+    /// The settings.
+    pub fn config(&self) -> &YogiConfig {
+        &self.config
+    }
+
+    pub(crate) fn states_mut(&mut self) -> &mut TensorStates<Buffers<T, 2>> {
+        &mut self.states
+    }
+
     pub fn new(config: YogiConfig) -> Result<Self, OptimError> {
         check_beta("beta1", config.beta1)?;
         check_beta("beta2", config.beta2)?;
@@ -443,6 +465,15 @@ pub struct Adan<T> {
 }
 
 impl<T: Float> Adan<T> {
+    /// The settings.
+    pub fn config(&self) -> &AdanConfig {
+        &self.config
+    }
+
+    pub(crate) fn states_mut(&mut self) -> &mut TensorStates<Buffers<T, 4>> {
+        &mut self.states
+    }
+
     pub fn new(config: AdanConfig) -> Result<Self, OptimError> {
         check_beta("beta1", config.beta1)?;
         check_beta("beta2", config.beta2)?;
@@ -543,6 +574,15 @@ pub struct Lion<T> {
 }
 
 impl<T: Float> Lion<T> {
+    /// The settings.
+    pub fn config(&self) -> &LionConfig {
+        &self.config
+    }
+
+    pub(crate) fn states_mut(&mut self) -> &mut TensorStates<Buffers<T, 1>> {
+        &mut self.states
+    }
+
     pub fn new(config: LionConfig) -> Result<Self, OptimError> {
         check_range("beta1", config.beta1, 0.0, 1.0)?;
         check_range("beta2", config.beta2, 0.0, 1.0)?;

@@ -220,7 +220,7 @@ impl<T> TensorState for MadaTensorState<T> {
 }
 
 impl<T: Float> MadaTensorState<T> {
-    fn new(grad: &[T], config: &MadaConfig, track: bool) -> Self {
+    pub(crate) fn new(grad: &[T], config: &MadaConfig, track: bool) -> Self {
         let len = grad.len();
         let v0 = T::of(config.initial_v);
         let n = match config.semantics {
@@ -244,47 +244,47 @@ impl<T: Float> MadaTensorState<T> {
         }
     }
 
-    fn tracks(&self) -> bool {
+    pub(crate) fn tracks(&self) -> bool {
         self.lion_sign.len() == self.m.len()
     }
 }
 
 /// Scalars of one update (or of the hyper-gradient of one update), cast once to `T`.
 #[derive(Clone, Copy, Debug)]
-struct Scalars<T> {
-    b1: T,
-    omb1: T,
-    b2: T,
-    omb2: T,
-    b3: T,
-    omb3: T,
-    rho: T,
-    omrho: T,
-    c: T,
-    omc: T,
-    gamma: T,
-    omgamma: T,
-    inv_bc1: T,
-    inv_bc2: T,
-    eps: T,
+pub(crate) struct Scalars<T> {
+    pub(crate) b1: T,
+    pub(crate) omb1: T,
+    pub(crate) b2: T,
+    pub(crate) omb2: T,
+    pub(crate) b3: T,
+    pub(crate) omb3: T,
+    pub(crate) rho: T,
+    pub(crate) omrho: T,
+    pub(crate) c: T,
+    pub(crate) omc: T,
+    pub(crate) gamma: T,
+    pub(crate) omgamma: T,
+    pub(crate) inv_bc1: T,
+    pub(crate) inv_bc2: T,
+    pub(crate) eps: T,
     /// 1/ε (1/D where v̂ = 0; ∞ for ε = 0, which then never enters a product).
-    inv_eps: T,
-    lr: T,
-    lion_b1: T,
-    lion_omb1: T,
-    lion_b2: T,
-    lion_omb2: T,
+    pub(crate) inv_eps: T,
+    pub(crate) lr: T,
+    pub(crate) lion_b1: T,
+    pub(crate) lion_omb1: T,
+    pub(crate) lion_b2: T,
+    pub(crate) lion_omb2: T,
     /// t − 1 and 1/t, for the running mean.
-    t_minus_1: T,
-    inv_t: T,
+    pub(crate) t_minus_1: T,
+    pub(crate) inv_t: T,
     /// 1/β1, ∂(1/B1)/∂β1 = t·β1^{t−1}/B1², ∂(1/B2)/∂β2 = t·β2^{t−1}/B2².
-    inv_b1: T,
-    dinv_bc1: T,
-    dinv_bc2: T,
+    pub(crate) inv_b1: T,
+    pub(crate) dinv_bc1: T,
+    pub(crate) dinv_bc2: T,
 }
 
 impl<T: Float> Scalars<T> {
-    fn new(q: &Coefficients, t: u64, lr: f64, config: &MadaConfig) -> Self {
+    pub(crate) fn new(q: &Coefficients, t: u64, lr: f64, config: &MadaConfig) -> Self {
         let tf = t as f64;
         let bc1 = debias(q.beta1, t);
         let bc2 = debias(q.beta2, t);
@@ -338,7 +338,7 @@ struct ElementUpdate<T> {
 /// χ_t (code 0, 1, 2 for χ = 0, ½, 1) with the running maximum. With the mean the code is 0 and
 /// the byte is the plain sign.
 #[inline(always)]
-fn pack_sign_chi<T: Float>(lion_sign: T, chi: T) -> i8 {
+pub(crate) fn pack_sign_chi<T: Float>(lion_sign: T, chi: T) -> i8 {
     let two = T::one() + T::one();
     let code = (chi * two).f64() as i8;
     sign_i8(lion_sign) + 4 * code
@@ -346,7 +346,7 @@ fn pack_sign_chi<T: Float>(lion_sign: T, chi: T) -> i8 {
 
 /// The inverse of [`pack_sign_chi`]: (sign(cL_t), χ_t).
 #[inline(always)]
-fn unpack_sign_chi<T: Float>(b: i8) -> (T, T) {
+pub(crate) fn unpack_sign_chi<T: Float>(b: i8) -> (T, T) {
     let code = (b + 1).div_euclid(4);
     let half = T::one() / (T::one() + T::one());
     (T::of_i8(b - 4 * code), T::of_i8(code) * half)
@@ -546,8 +546,23 @@ impl<T: Float> Mada<T> {
     }
 
     /// Whether the hyper-gradient is computed at each step.
-    fn tracks(&self) -> bool {
+    pub(crate) fn tracks(&self) -> bool {
         self.hyper.config().tracks()
+    }
+
+    /// The per-tensor states (the device path moves them out and back).
+    pub(crate) fn states_mut(&mut self) -> &mut TensorStates<MadaTensorState<T>> {
+        &mut self.states
+    }
+
+    /// Whether the hyper-step is taken (or monitored) before the update after `done` updates.
+    pub(crate) fn hyper_active_after(&self, done: u64) -> bool {
+        self.hyper.config().monitor || self.hyper.active_at(done)
+    }
+
+    /// Record the hyper-gradient the device path computed.
+    pub(crate) fn set_last_hypergradient(&mut self, h: Option<[f64; 6]>) {
+        self.last_hypergradient = h;
     }
 
     /// This tensor's contribution to the hyper-gradient of its last update: −η_t Σ_i grad_i ·
@@ -603,7 +618,12 @@ impl<T: Float> Mada<T> {
     /// Take one hyper-step along `h` (clipping, momentum, SGD, projection, warm-up and the set
     /// of learned coefficients as configured). Returns what was done; `None` during warm-up.
     pub fn apply_hypergradient(&mut self, h: [f64; 6]) -> Result<Option<HyperStep>, OptimError> {
-        let done = self.completed_updates();
+        self.apply_hypergradient_after(h, self.completed_updates())
+    }
+
+    /// [`apply_hypergradient`](Self::apply_hypergradient) after `done` updates (for state kept
+    /// outside this struct, on a device).
+    pub fn apply_hypergradient_after(&mut self, h: [f64; 6], done: u64) -> Result<Option<HyperStep>, OptimError> {
         for c in Coef::ALL {
             let x = h[c.index()];
             if !x.is_finite() && self.hyper.config().learned[c.index()] {

@@ -105,6 +105,19 @@ impl<S: TensorState> TensorStates<S> {
     pub fn slots(&self) -> usize {
         self.states.len()
     }
+
+    /// Remove and return the state of tensor `index` (a device-resident copy replaces it).
+    pub(crate) fn take(&mut self, index: usize) -> Option<S> {
+        self.states.get_mut(index).and_then(Option::take)
+    }
+
+    /// Put back the state of tensor `index`.
+    pub(crate) fn put(&mut self, index: usize, state: S) {
+        if self.states.len() <= index {
+            self.states.resize_with(index + 1, || None);
+        }
+        self.states[index] = Some(state);
+    }
 }
 
 /// Bias-correction denominator 1 − β^t (`powf`, as C's `pow` and numpy compute it).

@@ -26,6 +26,8 @@ fn problem(k: usize, w: &[f64]) -> (f64, Vec<f64>) {
 }
 
 fn check(config: MadaConfig, hyper: HyperConfig, q0: Coefficients, lr: f64, rows: &[Row]) {
+    #[cfg(feature = "candle")]
+    check_device_path(config, hyper, q0, lr, rows);
     let mut opt = Mada::<f64>::new(config, hyper, q0).unwrap();
     let mut w = vec![1.0, -2.0, 0.5];
     for (k, row) in rows.iter().enumerate() {
@@ -55,6 +57,48 @@ fn check(config: MadaConfig, hyper: HyperConfig, q0: Coefficients, lr: f64, rows
         }
         for i in 0..3 {
             assert!((w[i] - row.w[i]).abs() <= 1e-9, "step {k}: w {w:?} vs official {:?}", row.w);
+        }
+    }
+}
+
+/// The same rows through the device path (state as candle tensors, on the CPU device), stepped
+/// as the trainer steps: the hyper-gradient on the new gradient, the coefficient step, the update.
+#[cfg(feature = "candle")]
+fn check_device_path(config: MadaConfig, hyper: HyperConfig, q0: Coefficients, lr: f64, rows: &[Row]) {
+    use candle_core::{Device, Tensor, Var};
+    use mada::candle::VarOptimizer;
+    use mada::AnyOptimizer;
+    let w = Var::from_tensor(&Tensor::new(&[1.0f64, -2.0, 0.5], &Device::Cpu).unwrap()).unwrap();
+    let mada = AnyOptimizer::Mada(Mada::<f64>::new(config, hyper, q0).unwrap());
+    let mut opt = VarOptimizer::with_optimizer(vec![w.clone()], mada, lr).unwrap().with_device_path_on_cpu();
+    for (k, row) in rows.iter().enumerate() {
+        let (_, grad) = problem(k, &w.as_tensor().to_vec1::<f64>().unwrap());
+        let mut grads = Tensor::new(0f64, &Device::Cpu).unwrap().backward().unwrap();
+        grads.insert(w.as_tensor(), Tensor::new(grad.as_slice(), &Device::Cpu).unwrap());
+        let h = opt.mada_hypergradient(&grads).unwrap();
+        if let Some(h) = h {
+            opt.apply_mada_hypergradient(h).unwrap();
+        }
+        opt.update(&grads).unwrap();
+        let h = h.unwrap_or([0.0; 6]);
+        for c in Coef::ALL {
+            let (ours, reference) = (h[c.index()], row.hypergrad[c.index()]);
+            assert!(
+                (ours - reference).abs() <= 1e-6 * reference.abs() + 1e-12,
+                "device path, step {k}: hyper-gradient of {c} {ours:e} vs official {reference:e}"
+            );
+        }
+        let q = opt.optimizer().as_mada().unwrap().coefficients().to_array();
+        let now = w.as_tensor().to_vec1::<f64>().unwrap();
+        for i in 0..6 {
+            assert!(
+                (q[i] - row.coefficients[i]).abs() <= 1e-9,
+                "device path, step {k}: q {q:?} vs {:?}",
+                row.coefficients
+            );
+        }
+        for i in 0..3 {
+            assert!((now[i] - row.w[i]).abs() <= 1e-9, "device path, step {k}: w {now:?} vs official {:?}", row.w);
         }
     }
 }

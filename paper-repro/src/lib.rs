@@ -5,13 +5,14 @@
 //!   and [`data`] (corpora, token files, image sets);
 //! - the reproduction pipeline: [`catalog`] (the experiments as data), [`run`] (one training
 //!   run: spec, loop, checkpoints, its folder's files), [`results`] (tables, figures, report),
-//!   [`reproduce`] (orchestration) and [`bench`].
+//!   [`reproduce`] (orchestration), [`bench`] and [`gpu_check`] (the one check that needs a GPU).
 //!
 //! [`paths`] holds every path the crate derives.
 
 pub mod bench;
 pub mod catalog;
 pub mod data;
+pub mod gpu_check;
 pub mod models;
 pub mod paths;
 pub mod reproduce;

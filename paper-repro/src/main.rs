@@ -100,6 +100,14 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         steps: u64,
     },
+    /// On the first CUDA device against the CPU: device facts, a small GPT's gradients, every
+    /// optimizer's updates (one 38.6M-element tensor among the parameters), GPT-2 124M step
+    /// times and the projected paper-run time; writes <out>/gpu-check.json. Without CUDA it says
+    /// so in one line.
+    GpuCheck {
+        #[arg(long, default_value = "reports/gpu")]
+        out: PathBuf,
+    },
     /// Run every experiment of a tier that has not finished, then tables, figures, report.
     Reproduce {
         #[arg(value_enum, default_value = "cpu")]
@@ -261,6 +269,16 @@ fn run(cli: Cli) -> Result<()> {
             let result = paper_repro::bench::run(&dir, steps);
             let _ = std::fs::remove_dir_all(&dir);
             result
+        }
+        Command::GpuCheck { out } => {
+            if paper_repro::gpu_check::run(&out)? {
+                Ok(())
+            } else {
+                anyhow::bail!(
+                    "gpu-check: a comparison exceeded its tolerance (see {})",
+                    out.join("gpu-check.json").display()
+                )
+            }
         }
         Command::Reproduce { tier, only, jobs, at } => {
             let paths = at.paths();

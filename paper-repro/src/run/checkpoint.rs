@@ -138,12 +138,15 @@ pub enum SaveStep {
 }
 
 /// Save a checkpoint (see the module docs).
-pub fn save(run: &RunDir, work: &Workload, opt: &Opt, state: &LoopState) -> Result<()> {
+pub fn save(run: &RunDir, work: &Workload, opt: &mut Opt, state: &LoopState) -> Result<()> {
     save_until(run, work, opt, state, SaveStep::RemoveOld)
 }
 
 /// [`save`], stopping after step `last` as a kill would (the tests' fault injection).
-pub fn save_until(run: &RunDir, work: &Workload, opt: &Opt, state: &LoopState, last: SaveStep) -> Result<()> {
+pub fn save_until(run: &RunDir, work: &Workload, opt: &mut Opt, state: &LoopState, last: SaveStep) -> Result<()> {
+    // Optimizer state kept on a device comes back to the host format first (it moves back at
+    // the next update): a checkpoint written on a GPU resumes on the CPU and back.
+    opt.sync_to_host()?;
     let tmp = tmp_dir(run);
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot remove {}", tmp.display()))?;
@@ -194,6 +197,6 @@ pub fn load(run: &RunDir, work: &Workload, opt: &mut Opt, spec_id: &str) -> Resu
     let (restored, _): (AnyOptimizer<f32>, usize) =
         bincode::serde::decode_from_slice(&bytes, bincode::config::standard())
             .map_err(|e| anyhow!("{}: corrupt optimizer state: {e}", p.display()))?;
-    *opt.optimizer_mut() = restored;
+    opt.set_optimizer(restored);
     Ok(state)
 }

@@ -208,7 +208,7 @@ fn train_loop(
     while state.step < spec.updates {
         if opts.pause_after.is_some_and(|p| done_here >= p) {
             if writer {
-                checkpoint::save(run, &tr.work, &tr.opt, &state)?;
+                checkpoint::save(run, &tr.work, &mut tr.opt, &state)?;
             }
             return Ok(Outcome::Paused { step: state.step });
         }
@@ -274,10 +274,10 @@ fn train_loop(
         if writer && (state.step % spec.checkpoint_interval == 0 || last) {
             match opts.interrupt_save {
                 Some((at, stop)) if at == state.step => {
-                    checkpoint::save_until(run, &tr.work, &tr.opt, &state, stop)?;
+                    checkpoint::save_until(run, &tr.work, &mut tr.opt, &state, stop)?;
                     bail!("update {at}: the checkpoint save was interrupted after {stop:?} (fault injection)");
                 }
-                _ => checkpoint::save(run, &tr.work, &tr.opt, &state)?,
+                _ => checkpoint::save(run, &tr.work, &mut tr.opt, &state)?,
             }
         }
     }

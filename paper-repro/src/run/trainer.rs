@@ -204,9 +204,8 @@ impl Trainer {
 
     /// The hyper-gradient of the optimizer's last update on `grads` (None: not MADA-family, or
     /// no update yet).
-    fn hypergradient(&self, grads: &GradStore) -> Result<Option<[f64; 6]>> {
-        let h = self.opt.with_gradients(grads, |o, g| o.as_mada().map(|m| m.hypergradient(g)))?;
-        Ok(h.transpose()?.flatten())
+    fn hypergradient(&mut self, grads: &GradStore) -> Result<Option<[f64; 6]>> {
+        Ok(self.opt.mada_hypergradient(grads)?)
     }
 
     /// Update `step` (counted from 0; messages and logs call it update `step + 1`).
@@ -319,12 +318,14 @@ impl Trainer {
     fn hyper_step(&mut self, local: Option<[f64; 6]>, update: u64) -> Result<HyperRecord> {
         let Some(mut h) = local else { return Ok(HyperRecord::NONE) };
         self.collective.sum_f64(&mut h)?;
-        let Some(m) = self.opt.optimizer_mut().as_mada_mut() else { return Ok(HyperRecord::NONE) };
-        let taken: Option<HyperStep> = m.apply_hypergradient(h).map_err(|e| match e {
+        if self.opt.optimizer().as_mada().is_none() {
+            return Ok(HyperRecord::NONE);
+        }
+        let taken: Option<HyperStep> = self.opt.apply_mada_hypergradient(h).map_err(|e| match e {
             mada::OptimError::NonFiniteHypergradient { .. } => diverged(update, e.to_string()),
             other => anyhow!("update {update}: {other}"),
         })?;
-        let c = m.hyper_config();
+        let c = self.opt.optimizer().as_mada().context("MADA")?.hyper_config();
         Ok(HyperRecord::new(h, taken.as_ref(), c.clip, c.learned))
     }
 }
