@@ -115,16 +115,27 @@ fn add_grads(acc: &mut Option<GradStore>, vars: &[Var], mut more: GradStore, sca
 }
 
 /// Global L2 norm of the gradients (times `scale`), and the name of the first non-finite one.
+/// Each tensor's sum of squares is taken on its device; the sums reach the host in one copy
+/// (one synchronisation per update on a GPU) and add up there in f64, in parameter order.
 fn grad_norm(params: &ParamStore, grads: &GradStore, scale: f64) -> Result<(f64, Option<String>)> {
-    let mut total = 0f64;
+    let mut names = Vec::new();
+    let mut sums = Vec::new();
     for (name, v) in params.params() {
         if let Some(g) = grads.get(v.as_tensor()) {
-            let s = g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-            if !s.is_finite() {
-                return Ok((s, Some(name.clone())));
-            }
-            total += s;
+            names.push(name);
+            sums.push(g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?);
         }
+    }
+    if sums.is_empty() {
+        return Ok((0.0, None));
+    }
+    let sums = Tensor::stack(&sums, 0)?.to_vec1::<f64>()?;
+    let mut total = 0f64;
+    for (name, s) in names.into_iter().zip(sums) {
+        if !s.is_finite() {
+            return Ok((s, Some(name.clone())));
+        }
+        total += s;
     }
     Ok((total.sqrt() * scale, None))
 }
