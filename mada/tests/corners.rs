@@ -37,6 +37,30 @@ fn max_trajectory_gap(a: &mut dyn Optimizer<f64>, b: &mut dyn Optimizer<f64>, st
     gap
 }
 
+/// [`max_trajectory_gap`] through the device path (state as candle tensors: what a CUDA device
+/// runs), on the CPU device, stepped as the trainer steps.
+#[cfg(feature = "candle")]
+fn device_path_gap(a: AnyOptimizer<f64>, b: AnyOptimizer<f64>, steps: usize, lr: f64) -> f64 {
+    use candle_core::{Device, Tensor, Var};
+    use mada::candle::VarOptimizer;
+    let var = || Var::from_tensor(&Tensor::new(x0().as_slice(), &Device::Cpu).unwrap()).unwrap();
+    let (va, vb) = (var(), var());
+    let mut a = VarOptimizer::with_optimizer(vec![va.clone()], a, lr).unwrap().with_device_path_on_cpu();
+    let mut b = VarOptimizer::with_optimizer(vec![vb.clone()], b, lr).unwrap().with_device_path_on_cpu();
+    let mut gap = 0.0f64;
+    for step in 0..steps {
+        for (opt, v) in [(&mut a, &va), (&mut b, &vb)] {
+            let g = gradient(&v.as_tensor().to_vec1::<f64>().unwrap(), step);
+            let mut grads = Tensor::new(0f64, &Device::Cpu).unwrap().backward().unwrap();
+            grads.insert(v.as_tensor(), Tensor::new(g.as_slice(), &Device::Cpu).unwrap());
+            opt.update(&grads).unwrap();
+        }
+        let (xa, xb) = (va.as_tensor().to_vec1::<f64>().unwrap(), vb.as_tensor().to_vec1::<f64>().unwrap());
+        gap = xa.iter().zip(&xb).map(|(p, q)| (p - q).abs()).fold(gap, f64::max);
+    }
+    gap
+}
+
 fn frozen_mada(q: Coefficients, eps: f64, semantics: Semantics) -> Mada<f64> {
     Mada::new(MadaConfig { eps, semantics, ..MadaConfig::default() }, HyperConfig::frozen(), q).unwrap()
 }
@@ -48,6 +72,13 @@ fn adam_corner_is_adam_up_to_the_initial_v() {
     let mut mada = frozen_mada(Coefficients::adam(0.9, 0.95), 1e-8, Semantics::OfficialCode);
     let gap = max_trajectory_gap(&mut mada, &mut adam, 200, 1e-2);
     assert!(gap < 1e-11, "gap {gap:e}");
+    #[cfg(feature = "candle")]
+    {
+        let mada = frozen_mada(Coefficients::adam(0.9, 0.95), 1e-8, Semantics::OfficialCode);
+        let gap =
+            device_path_gap(AnyOptimizer::Mada(mada), AnyOptimizer::Adam(Adam::new(adam_cfg).unwrap()), 200, 1e-2);
+        assert!(gap < 1e-11, "device path: gap {gap:e}");
+    }
     // v_0 = 1e-15 is the whole difference: with v_0 = 0 only rounding remains.
     let mut adam = Adam::<f64>::new(adam_cfg).unwrap();
     let cfg = MadaConfig { eps: 1e-8, initial_v: 0.0, ..MadaConfig::default() };
@@ -63,6 +94,15 @@ fn rho_zero_is_avgrad() {
     let mut mada = frozen_mada(Coefficients::avgrad(0.9, 0.99), 1e-8, Semantics::OfficialCode);
     let gap = max_trajectory_gap(&mut mada, &mut avgrad, 200, 1e-2);
     assert!(gap < 1e-11, "gap {gap:e}");
+    #[cfg(feature = "candle")]
+    {
+        let mada = frozen_mada(Coefficients::avgrad(0.9, 0.99), 1e-8, Semantics::OfficialCode);
+        let gap = device_path_gap(AnyOptimizer::Mada(mada), AnyOptimizer::AvGrad(AvGrad::new(cfg).unwrap()), 200, 1e-2);
+        assert!(gap < 1e-11, "device path: gap {gap:e}");
+        // The device-path comparison can see a difference.
+        let adam = AnyOptimizer::Adam(Adam::new(cfg).unwrap());
+        assert!(device_path_gap(adam, AnyOptimizer::AvGrad(AvGrad::new(cfg).unwrap()), 200, 1e-2) > 1e-3);
+    }
     // ... and AVGrad really differs from Adam on this problem.
     let mut adam = Adam::<f64>::new(cfg).unwrap();
     let mut avgrad = AvGrad::<f64>::new(cfg).unwrap();
@@ -77,6 +117,13 @@ fn rho_zero_with_the_running_max_is_amsgrad() {
     let mut mada = Mada::new(config, HyperConfig::frozen(), Coefficients::avgrad(0.9, 0.99)).unwrap();
     let gap = max_trajectory_gap(&mut mada, &mut amsgrad, 200, 1e-2);
     assert!(gap < 1e-11, "gap {gap:e}");
+    #[cfg(feature = "candle")]
+    {
+        let mada = Mada::new(config, HyperConfig::frozen(), Coefficients::avgrad(0.9, 0.99)).unwrap();
+        let amsgrad = AnyOptimizer::AmsGrad(AmsGrad::new(cfg).unwrap());
+        let gap = device_path_gap(AnyOptimizer::Mada(mada), amsgrad, 200, 1e-2);
+        assert!(gap < 1e-11, "device path: gap {gap:e}");
+    }
     // ... AMSGrad differs from AVGrad here, and ρ = 1 with the maximum is still Adam.
     let mut avgrad = AvGrad::<f64>::new(cfg).unwrap();
     let mut amsgrad = AmsGrad::<f64>::new(cfg).unwrap();
@@ -94,6 +141,13 @@ fn c_zero_is_yogis_recursion() {
     let mut mada = frozen_mada(Coefficients::yogi(0.9, 0.99), 1e-6, Semantics::OfficialCode);
     let gap = max_trajectory_gap(&mut mada, &mut yogi, 200, 1e-2);
     assert!(gap < 1e-11, "gap {gap:e}");
+    #[cfg(feature = "candle")]
+    {
+        let mada = frozen_mada(Coefficients::yogi(0.9, 0.99), 1e-6, Semantics::OfficialCode);
+        let gap =
+            device_path_gap(AnyOptimizer::Mada(mada), AnyOptimizer::Yogi(Yogi::new(yogi_cfg).unwrap()), 200, 1e-2);
+        assert!(gap < 1e-11, "device path: gap {gap:e}");
+    }
     let mut adam =
         Adam::<f64>::new(AdamConfig { beta1: 0.9, beta2: 0.99, eps: 1e-6, ..AdamConfig::default() }).unwrap();
     let mut yogi = Yogi::<f64>::new(yogi_cfg).unwrap();
@@ -111,6 +165,16 @@ fn gamma_zero_is_lions_sign_step() {
     let mut mada = frozen_mada(Coefficients::lion(), 1e-6, Semantics::OfficialCode);
     let gap = max_trajectory_gap(&mut mada, &mut lion, 200, 1e-2);
     assert!(gap < 1e-12, "gap {gap:e}");
+    #[cfg(feature = "candle")]
+    {
+        let textbook = frozen_mada(Coefficients::lion(), 1e-6, Semantics::Textbook);
+        let lion = AnyOptimizer::Lion(Lion::new(LionConfig { beta1: 0.95, beta2: 0.98 }).unwrap());
+        assert_eq!(device_path_gap(AnyOptimizer::Mada(textbook), lion, 200, 1e-2), 0.0, "device path, textbook");
+        let official = frozen_mada(Coefficients::lion(), 1e-6, Semantics::OfficialCode);
+        let lion = AnyOptimizer::Lion(Lion::new(LionConfig { beta1: 0.95 * 0.98, beta2: 0.98 }).unwrap());
+        let gap = device_path_gap(AnyOptimizer::Mada(official), lion, 200, 1e-2);
+        assert!(gap < 1e-12, "device path: gap {gap:e}");
+    }
     // The two readings are different optimizers.
     let mut a = frozen_mada(Coefficients::lion(), 1e-6, Semantics::Textbook);
     let mut b = frozen_mada(Coefficients::lion(), 1e-6, Semantics::OfficialCode);
