@@ -104,19 +104,25 @@ bounds *args:
 trace spec out:
     cargo run --release -q -p analysis -- trace {{spec}} --out {{out}}
 
-# Type-check and lint every cfg(feature = "cuda") line without CUDA or a GPU (an nvcc stand-in;
-# `cargo check` plus clippy's lints; CI runs it).
+# An nvcc stand-in replaces the toolkit: `cargo check` plus clippy's lints, no CUDA or GPU needed.
+# Type-check and lint every cfg(feature = "cuda") line (CI runs it).
 check-cuda:
     CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/mada-workspace/target}-cuda-check" \
         paper-repro/gpu/cuda-env.sh check -- cargo clippy --workspace --features cuda --all-targets -- -D warnings
 
-# Build with CUDA 13.0 (from PyPI wheels) and pack a bundle for a GPU machine (≤ 64 MiB).
-gpu-bundle out=".cache/gpu-bundle/paper-repro-gpu.tar.xz":
+# Build with CUDA 13.0 and pack a bundle for a GPU machine (.cache/gpu-bundle/, <= 64 MiB).
+gpu-bundle *out:
     paper-repro/gpu/bundle.sh {{out}}
 
+# Builds with the machine's nvcc, else with the pinned toolkit of paper-repro/gpu/cuda-env.sh;
+# the CUDA 13 libraries must be on the loader's path (the bundle's run.sh finds them itself).
 # On a GPU machine: CUDA against the CPU, GPT-2 124M step times, into reports/gpu/gpu-check.json.
 gpu-check out="reports/gpu":
-    cargo run --release -q -p paper-repro --features cuda -- gpu-check --out {{out}}
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if command -v nvcc >/dev/null 2>&1; then env=(); else env=(paper-repro/gpu/cuda-env.sh toolkit --); fi
+    CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/mada-workspace/target}-cuda" \
+        "${env[@]}" cargo run --release -q -p paper-repro --features cuda -- gpu-check --out {{out}}
 
 # Extract the official runs the report compares with (needs the official logs folder).
 reference logs:

@@ -9,7 +9,7 @@
 #   paper-repro-gpu/run.sh            sets LD_LIBRARY_PATH and runs the binary
 #
 # The CUDA libraries themselves (libcuda from the driver; libcublas, libcublasLt, libcurand,
-# libnvrtc, libcudart of CUDA 13) are not packed: run.sh finds them where the machine has them,
+# libnvrtc of CUDA 13) are not packed (but for the small libcudart.so.13): run.sh finds them,
 # including inside an installed PyTorch's nvidia-* wheels. On the GPU machine:
 #
 #   tar xf paper-repro-gpu.tar.xz && paper-repro-gpu/run.sh gpu-check --out gpu-check
@@ -36,6 +36,9 @@ ldd "$target/release/paper-repro" | awk '/=> \// {print $1, $3}' | while read -r
     esac
 done
 
+# The CUDA runtime is small and version-bound: ship the toolkit's own (13.0).
+cp -L "${MADA_CUDA_CACHE:-$HOME/.cache/mada-workspace/cuda}/toolkit-13.0/nvidia/cu13/lib/libcudart.so.13" "$root/lib/"
+
 cat >"$root/run.sh" <<'EOF'
 #!/usr/bin/env bash
 # Run the bundled paper-repro with its libraries and the machine's CUDA 13 libraries.
@@ -55,6 +58,17 @@ for d in /usr/local/cuda/lib64 /usr/local/cuda-13.0/lib64; do
     [ -d "$d" ] && paths="$paths:$d"
 done
 export LD_LIBRARY_PATH="$paths${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# Without the driver's libcuda (no GPU) or CUDA 13's cublas/curand the binary cannot start:
+# say which, in one line (gpu-check then succeeds, as the built-in check does without CUDA).
+missing=$(ldd "$here/bin/paper-repro" 2>/dev/null | awk '/not found/ {printf "%s ", $1}')
+if [ -n "$missing" ]; then
+    if [ "${1:-}" = gpu-check ]; then
+        echo "gpu-check: skipped: no usable CUDA here (missing ${missing% })"
+        exit 0
+    fi
+    echo "paper-repro-gpu: missing ${missing% } (a CUDA driver and CUDA 13 libraries are needed)" >&2
+    exit 1
+fi
 exec "$here/bin/paper-repro" "$@"
 EOF
 chmod +x "$root/run.sh"
