@@ -56,8 +56,11 @@ fn every_reference_trace_is_reproduced_by_the_device_path() {
         let mut rows = Vec::new();
         for step in 1..=spec.steps {
             let now = x.as_tensor().to_vec1::<f64>().unwrap();
-            let mut grads = Tensor::new(0f64, &Device::Cpu).unwrap().backward().unwrap();
-            grads.insert(x.as_tensor(), Tensor::new(p.grad(&now).as_slice(), &Device::Cpu).unwrap());
+            let grads = mada::candle::gradient_store(
+                std::slice::from_ref(&x),
+                &[Tensor::new(p.grad(&now).as_slice(), &Device::Cpu).unwrap()],
+            )
+            .unwrap();
             // As the trainer takes an update: hyper-gradient, coefficient step, parameter update.
             if let Some(h) = opt.mada_hypergradient(&grads).unwrap() {
                 opt.apply_mada_hypergradient(h).unwrap();

@@ -51,8 +51,11 @@ fn device_path_gap(a: AnyOptimizer<f64>, b: AnyOptimizer<f64>, steps: usize, lr:
     for step in 0..steps {
         for (opt, v) in [(&mut a, &va), (&mut b, &vb)] {
             let g = gradient(&v.as_tensor().to_vec1::<f64>().unwrap(), step);
-            let mut grads = Tensor::new(0f64, &Device::Cpu).unwrap().backward().unwrap();
-            grads.insert(v.as_tensor(), Tensor::new(g.as_slice(), &Device::Cpu).unwrap());
+            let grads = mada::candle::gradient_store(
+                std::slice::from_ref(v),
+                &[Tensor::new(g.as_slice(), &Device::Cpu).unwrap()],
+            )
+            .unwrap();
             opt.update(&grads).unwrap();
         }
         let (xa, xb) = (va.as_tensor().to_vec1::<f64>().unwrap(), vb.as_tensor().to_vec1::<f64>().unwrap());

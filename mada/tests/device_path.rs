@@ -6,7 +6,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::Optimizer as _;
-use mada::candle::{CandleFloat, VarOptimizer};
+use mada::candle::{gradient_store, CandleFloat, VarOptimizer};
 use mada::{AnyOptimizer, OptimizerSpec};
 
 use mada::candle::EVERY_OPTIMIZER as SPECS;
@@ -32,19 +32,6 @@ fn gradient_of(p: &Tensor, step: usize, which: usize) -> Tensor {
         return (g * zero_first).unwrap();
     }
     g
-}
-
-/// A GradStore holding exactly `grads` (the gradient of Σ p ⊙ G with respect to p is G).
-fn grad_store(vars: &[Var], grads: &[Tensor]) -> candle_core::backprop::GradStore {
-    let mut loss: Option<Tensor> = None;
-    for (v, g) in vars.iter().zip(grads) {
-        let term = (v.as_tensor() * g.detach()).unwrap().sum_all().unwrap();
-        loss = Some(match loss {
-            None => term,
-            Some(l) => (l + term).unwrap(),
-        });
-    }
-    loss.unwrap().backward().unwrap()
 }
 
 fn vars<T: CandleFloat>() -> Vec<Var> {
@@ -98,7 +85,7 @@ fn both_paths<T: CandleFloat>(
     for step in 0..steps {
         let ga: Vec<Tensor> = a_vars.iter().enumerate().map(|(k, v)| gradient_of(v.as_tensor(), step, k)).collect();
         let gb: Vec<Tensor> = b_vars.iter().enumerate().map(|(k, v)| gradient_of(v.as_tensor(), step, k)).collect();
-        let (sa, sb) = (grad_store(&a_vars, &ga), grad_store(&b_vars, &gb));
+        let (sa, sb) = (gradient_store(&a_vars, &ga).unwrap(), gradient_store(&b_vars, &gb).unwrap());
         let (ha, hb) = (fused.mada_hypergradient(&sa).unwrap(), device.mada_hypergradient(&sb).unwrap());
         assert_eq!(ha.is_some(), hb.is_some(), "{spec:?} update {step}");
         if let (Some(ha), Some(hb)) = (ha, hb) {
@@ -165,7 +152,7 @@ fn state_saved_from_the_device_resumes_on_the_cpu_and_back() {
         for step in steps {
             let g: Vec<Tensor> =
                 opt.vars().iter().enumerate().map(|(k, v)| gradient_of(v.as_tensor(), step, k)).collect();
-            let store = grad_store(opt.vars(), &g);
+            let store = gradient_store(opt.vars(), &g).unwrap();
             opt.set_learning_rate(0.01 * (1.0 + 0.1 * step as f64));
             opt.step(&store).unwrap();
         }

@@ -73,8 +73,11 @@ fn check_device_path(config: MadaConfig, hyper: HyperConfig, q0: Coefficients, l
     let mut opt = VarOptimizer::with_optimizer(vec![w.clone()], mada, lr).unwrap().with_device_path_on_cpu();
     for (k, row) in rows.iter().enumerate() {
         let (_, grad) = problem(k, &w.as_tensor().to_vec1::<f64>().unwrap());
-        let mut grads = Tensor::new(0f64, &Device::Cpu).unwrap().backward().unwrap();
-        grads.insert(w.as_tensor(), Tensor::new(grad.as_slice(), &Device::Cpu).unwrap());
+        let grads = mada::candle::gradient_store(
+            std::slice::from_ref(&w),
+            &[Tensor::new(grad.as_slice(), &Device::Cpu).unwrap()],
+        )
+        .unwrap();
         let h = opt.mada_hypergradient(&grads).unwrap();
         if let Some(h) = h {
             opt.apply_mada_hypergradient(h).unwrap();

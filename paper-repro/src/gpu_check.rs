@@ -24,7 +24,7 @@ use anyhow::{Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::Optimizer as _;
-use mada::candle::{VarOptimizer, EVERY_OPTIMIZER};
+use mada::candle::{gradient_store, VarOptimizer, EVERY_OPTIMIZER};
 use mada::{AnyOptimizer, OptimizerSpec};
 use serde::Serialize;
 
@@ -184,16 +184,6 @@ pub fn compare_gpt(reference: &Device, target: &Device, precision: Precision) ->
     })
 }
 
-/// A GradStore holding exactly `grads` (already on `device`) for `vars`, without a backward pass.
-fn grad_store(vars: &[Var], grads: &[Tensor], device: &Device) -> Result<GradStore> {
-    // The backward pass of a constant yields an empty store (but for the constant itself).
-    let mut store = Tensor::new(0f32, device)?.backward()?;
-    for (v, g) in vars.iter().zip(grads) {
-        store.insert(v.as_tensor(), g.clone());
-    }
-    Ok(store)
-}
-
 /// The check's parameters: initial values and four gradient sets cycled through the updates
 /// (host tensors, uploaded to each device). `big` elements make the first tensor (GPT-2's
 /// embedding size in the real check); one gradient set has exact zeros.
@@ -257,8 +247,8 @@ pub fn compare_optimizer(
     let (grads_a, grads_b) = (on(reference)?, on(target)?);
     let (mut worst, mut worst_q): (f64, Option<f64>) = (0.0, None);
     for update in 0..OPTIMIZER_UPDATES {
-        let sa = grad_store(a.vars(), &grads_a[update % 4], reference)?;
-        let sb = grad_store(b.vars(), &grads_b[update % 4], target)?;
+        let sa = gradient_store(a.vars(), &grads_a[update % 4])?;
+        let sb = gradient_store(b.vars(), &grads_b[update % 4])?;
         let ha = a.mada_hypergradient(&sa)?;
         let hb = b.mada_hypergradient(&sb)?;
         // As the trainer takes an update: the hyper-gradient on the new gradients, the
@@ -534,8 +524,8 @@ mod tests {
         let (mut a, mut b) = (a, b);
         for u in 0..5 {
             let g = &problem.gradients[u % 4];
-            a.step(&grad_store(a.vars(), g, &Device::Cpu).unwrap()).unwrap();
-            b.step(&grad_store(b.vars(), g, &Device::Cpu).unwrap()).unwrap();
+            a.step(&gradient_store(a.vars(), g).unwrap()).unwrap();
+            b.step(&gradient_store(b.vars(), g).unwrap()).unwrap();
         }
         let d = relative_difference(a.vars()[1].as_tensor(), b.vars()[1].as_tensor()).unwrap();
         assert!(d > OPTIMIZER_REL, "{d}");

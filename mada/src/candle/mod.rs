@@ -37,6 +37,23 @@ fn err(e: OptimError) -> candle_core::Error {
     candle_core::Error::Msg(e.to_string())
 }
 
+/// A [`GradStore`] holding exactly `grads[i]` for `vars[i]`, without a backward pass: for
+/// driving a [`VarOptimizer`] with gradients computed elsewhere (another framework, a reference
+/// implementation, a test). The store also holds the gradient of the scalar constant it was
+/// started from, which no variable refers to.
+pub fn gradient_store(vars: &[Var], grads: &[Tensor]) -> candle_core::Result<GradStore> {
+    if vars.len() != grads.len() {
+        candle_core::bail!("{} variables but {} gradients", vars.len(), grads.len());
+    }
+    let device = vars.first().map_or(Device::Cpu, |v| v.device().clone());
+    // The backward pass of a constant: a store with no variable in it.
+    let mut store = Tensor::new(0f32, &device)?.backward()?;
+    for (v, g) in vars.iter().zip(grads) {
+        store.insert(v.as_tensor(), g.clone());
+    }
+    Ok(store)
+}
+
 /// One spec per optimizer and variant of [`AnyOptimizer`] (MADA learning all six coefficients,
 /// over the running maximum, the textbook reading, frozen): the set the device path is checked
 /// on, here against the fused kernels (`tests/device_path.rs`) and on a GPU by
