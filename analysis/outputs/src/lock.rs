@@ -27,6 +27,25 @@ fn holder_line() -> String {
     format!("process {} on {host} ({}), since unix time {since}\n", std::process::id(), command.join(" "))
 }
 
+/// The holder's line from a lock file someone else holds. The holder writes it just after taking
+/// the lock (emptying the file first, so a stale line never passes for the current holder), so a
+/// process refused in between finds the file empty or the line unfinished: it waits for a
+/// complete line (ending in a newline) for up to a second before naming "another process".
+fn read_holder(file: &mut File) -> Option<String> {
+    for _ in 0..50 {
+        let mut content = String::new();
+        if file.rewind().is_ok() && file.read_to_string(&mut content).is_ok() {
+            if let Some((line, _)) = content.split_once('\n') {
+                if !line.trim().is_empty() {
+                    return Some(line.trim().to_string());
+                }
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    None
+}
+
 impl FolderLock {
     /// Lock `folder` (created if missing) through `folder/.lock`; `what` names the folder in the
     /// error (for example "run folder"). Fails at once, naming the holder, when another process
@@ -44,13 +63,11 @@ impl FolderLock {
         match file.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
-                let mut holder = String::new();
-                let _ = file.read_to_string(&mut holder);
-                let holder = holder.trim();
+                let holder = read_holder(&mut file);
                 bail!(
                     "{what} {} is in use by {}; wait for it to finish or stop it",
                     folder.display(),
-                    if holder.is_empty() { "another process" } else { holder }
+                    holder.as_deref().unwrap_or("another process")
                 );
             }
             Err(TryLockError::Error(e)) => {
@@ -88,5 +105,26 @@ mod tests {
         assert!(e.contains("in use by process") && e.contains(&std::process::id().to_string()), "{e}");
         drop(first);
         FolderLock::acquire(dir.path(), "run folder").unwrap();
+    }
+
+    /// A process refused between the holder's taking the lock and its writing the holder line
+    /// still names the holder, once the line is written.
+    #[test]
+    fn a_process_refused_before_the_holder_line_is_written_waits_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(".lock");
+        let holder = File::create(&path).unwrap();
+        holder.try_lock().unwrap();
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            let mut f = OpenOptions::new().write(true).open(&path).unwrap();
+            f.write_all(b"process 4242 on host (train x)").unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(60));
+            f.write_all(b", since unix time 1\n").unwrap();
+            holder
+        });
+        let e = FolderLock::acquire(dir.path(), "run folder").unwrap_err().to_string();
+        assert!(e.contains("in use by process 4242 on host (train x), since unix time 1;"), "{e}");
+        drop(writer.join().unwrap());
     }
 }
