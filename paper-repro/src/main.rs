@@ -11,6 +11,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use paper_repro::catalog::Tier;
 use paper_repro::data::defaults::prepare_default_corpora;
 use paper_repro::data::text::{prepare, Tokenizer};
+use paper_repro::parallel::launch::LaunchOptions;
+use paper_repro::parallel::Backend;
 use paper_repro::paths::Paths;
 use paper_repro::reproduce::{default_jobs, reproduce, Options};
 use paper_repro::results::{official, report};
@@ -94,6 +96,26 @@ enum Command {
         /// Print `progress <update> <message>` lines instead of a bar (reproduce's workers).
         #[arg(long, hide = true)]
         progress_lines: bool,
+        /// Train as one process of a data-parallel run (`mpirun -n N ... --data-parallel mpi`,
+        /// with the spec's ranks = N); `launch` starts them.
+        #[arg(long, value_enum, default_value = "single-process")]
+        data_parallel: Backend,
+    },
+    /// Train one run as N data-parallel processes, one rank each, through MPI (the spec's
+    /// ranks must be N); the run folder and results are those of the same spec trained in one
+    /// process. Needs a build with `--features mpi` and OpenMPI's mpirun.
+    Launch {
+        /// The processes (= the spec's ranks).
+        #[arg(long)]
+        processes: u64,
+        /// The spec file (JSON, or TOML by its .toml extension).
+        spec: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        resume: bool,
+        #[arg(long)]
+        pause_after: Option<u64>,
     },
     /// Throughput of a training step (baby GPT, CNN, ResNet) with Adam and MADA.
     Bench {
@@ -187,34 +209,34 @@ fn read_spec(path: &Path) -> Result<RunSpec> {
     Ok(spec)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn train_command(
-    spec: &Path,
-    out: &Path,
+/// `train`'s flags besides the spec, the folder and the backend.
+struct TrainFlags<'a> {
     resume: bool,
     auto: bool,
     pause_after: Option<u64>,
-    dump_batches: Option<&Path>,
+    dump_batches: Option<&'a Path>,
     progress_lines: bool,
-) -> Result<()> {
-    let spec = read_spec(spec)?;
+}
+
+fn train_command(spec_file: &Path, out: &Path, flags: &TrainFlags<'_>, backend: Backend) -> Result<()> {
+    let spec = read_spec(spec_file)?;
     let bar = ProgressBar::new(spec.updates).with_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}").expect("template"),
     );
-    if progress_lines || !std::io::stderr().is_terminal() {
+    if flags.progress_lines || !std::io::stderr().is_terminal() {
         bar.set_draw_target(ProgressDrawTarget::hidden());
     }
-    let start = if auto {
+    let start = if flags.auto {
         Start::Auto
-    } else if resume {
+    } else if flags.resume {
         Start::Resume
     } else {
         Start::Fresh
     };
     let mut opts = TrainOptions::new(start, &bar);
-    opts.pause_after = pause_after;
-    opts.dump_batches = dump_batches;
-    if progress_lines {
+    opts.pause_after = flags.pause_after;
+    opts.dump_batches = flags.dump_batches;
+    if flags.progress_lines {
         // A line per update for the parent process (its bar), flushed at once.
         let lines = bar.clone();
         std::thread::spawn(move || loop {
@@ -225,8 +247,29 @@ fn train_command(
             }
         });
     }
-    let outcome = train(&spec, out, &opts)?;
+    let outcome = match backend {
+        Backend::SingleProcess => {
+            if let Some(n) = std::env::var("OMPI_COMM_WORLD_SIZE").ok().and_then(|n| n.parse::<u64>().ok()) {
+                if n > 1 {
+                    anyhow::bail!(
+                        "started by mpirun as one of {n} processes without --data-parallel mpi: each would train the \
+                         whole run into one folder (pass --data-parallel mpi, or use `paper-repro launch`)"
+                    );
+                }
+            }
+            train(&spec, out, &opts)?
+        }
+        Backend::Mpi => match train_mpi(&spec, out, &opts, &bar)? {
+            Some(o) => o,
+            None => return Ok(()),
+        },
+    };
     bar.finish_and_clear();
+    print_outcome(out, &outcome);
+    Ok(())
+}
+
+fn print_outcome(out: &Path, outcome: &Outcome) {
     match outcome {
         Outcome::Finished(r) => println!(
             "{}: final eval loss {:.4}, best {:.4} ({} updates, {:.0} items/s)",
@@ -238,7 +281,49 @@ fn train_command(
         ),
         Outcome::Paused { step } => println!("{}: paused after update {step}; continue with --resume", out.display()),
     }
-    Ok(())
+}
+
+/// One process of an MPI data-parallel run. Only rank 0 reports (`Some`); the others return
+/// `None` when done. An error of this process alone ends the whole job (`MPI_Abort`) after
+/// printing it with the rank; an error every process finds alike (a divergence, disagreeing
+/// parameters, an invalid spec) is returned by rank 0 and ends the others quietly with the same
+/// exit code.
+#[cfg(feature = "mpi")]
+fn train_mpi(spec: &RunSpec, out: &Path, opts: &TrainOptions<'_>, bar: &ProgressBar) -> Result<Option<Outcome>> {
+    use paper_repro::parallel::{mpi::Mpi, Collective, RanksDisagree};
+    let mpi = Mpi::init()?;
+    let world = mpi.world();
+    let (process, processes) = (world.process(), world.processes());
+    if process != 0 {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    if let Err(e) = paper_repro::parallel::launch::check_spec(spec, processes) {
+        return if process == 0 { Err(e) } else { std::process::exit(1) };
+    }
+    match paper_repro::run::train_with(spec, out, opts, Box::new(world)) {
+        Ok(o) => Ok((process == 0).then_some(o)),
+        Err(e)
+            if e.downcast_ref::<paper_repro::run::Diverged>().is_some()
+                || e.downcast_ref::<RanksDisagree>().is_some() =>
+        {
+            if process == 0 {
+                Err(e)
+            } else {
+                drop(mpi);
+                let diverged = e.downcast_ref::<paper_repro::run::Diverged>().is_some();
+                std::process::exit(if diverged { i32::from(paper_repro::reproduce::DIVERGED_EXIT) } else { 1 })
+            }
+        }
+        Err(e) => {
+            eprintln!("error (process {process} of {processes}): {e:#}");
+            mpi.abort(1)
+        }
+    }
+}
+
+#[cfg(not(feature = "mpi"))]
+fn train_mpi(_: &RunSpec, _: &Path, _: &TrainOptions<'_>, _: &ProgressBar) -> Result<Option<Outcome>> {
+    anyhow::bail!("this build has no MPI backend: build paper-repro with --features mpi (`just train-dp` does)")
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -259,8 +344,16 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Train { spec, out, resume, pause_after, dump_batches, auto, progress_lines } => {
-            train_command(&spec, &out, resume, auto, pause_after, dump_batches.as_deref(), progress_lines)
+        Command::Train { spec, out, resume, pause_after, dump_batches, auto, progress_lines, data_parallel } => {
+            let flags = TrainFlags { resume, auto, pause_after, dump_batches: dump_batches.as_deref(), progress_lines };
+            train_command(&spec, &out, &flags, data_parallel)
+        }
+        Command::Launch { processes, spec: file, out, resume, pause_after } => {
+            if file == Path::new("-") {
+                anyhow::bail!("launch reads the spec from a file (every process reads it), not standard input");
+            }
+            let spec = read_spec(&file)?;
+            paper_repro::parallel::launch::run(&spec, &file, &out, processes, &LaunchOptions { resume, pause_after })
         }
         Command::Bench { steps } => {
             // A scratch folder for the benchmark's corpus, removed afterwards.

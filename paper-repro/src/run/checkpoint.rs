@@ -101,6 +101,16 @@ pub fn find(run: &RunDir) -> Option<(PathBuf, LoopState)> {
     )
 }
 
+/// The loop state of `checkpoint/` as [`settle`] left it, without changing anything (the other
+/// processes of a data-parallel run, after rank 0 has settled the folder).
+pub fn settled(run: &RunDir) -> Result<Option<LoopState>> {
+    let target = run.checkpoint();
+    if !target.exists() {
+        return Ok(None);
+    }
+    check(&target).map(Some).map_err(|e| anyhow!("{} is not a complete checkpoint: {e}", target.display()))
+}
+
 /// Make the best complete checkpoint `checkpoint/` and remove every other checkpoint folder;
 /// returns its loop state. `None` when no checkpoint was ever completed (an interrupted first
 /// save is removed); an error when `checkpoint/` exists but is damaged and nothing replaces it.

@@ -10,5 +10,5 @@ pub mod workload;
 
 pub use log::{RunDir, RunResult};
 pub use spec::RunSpec;
-pub use train::{train, Outcome, Start, TrainOptions};
+pub use train::{train, train_with, Outcome, Start, TrainOptions};
 pub use trainer::{Diverged, Trainer};

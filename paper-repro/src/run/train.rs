@@ -18,6 +18,7 @@ use mada::Optimizer;
 
 use outputs::{remove_stale_temporaries, write_atomically, FolderLock};
 
+use crate::parallel::{Collective, RanksDisagree, SingleProcess};
 use crate::run::checkpoint::{self, LoopState, SaveStep};
 use crate::run::log::Failure;
 use crate::run::log::{
@@ -78,30 +79,93 @@ impl Outcome {
 
 /// Train (or resume) the run of `spec` in `dir` with one process computing every rank.
 pub fn train(spec: &RunSpec, dir: &Path, opts: &TrainOptions<'_>) -> Result<Outcome> {
-    train_with(spec, dir, opts, &|| Trainer::new(spec))
+    train_with(spec, dir, opts, Box::new(SingleProcess))
 }
 
-/// [`train`] with the trainer `make` builds (a data-parallel rank's, for instance). Only the
-/// process computing rank 0 writes files; the others compute and follow.
+/// What the writing process found in the run folder before training.
+enum Prepared {
+    Finished(Box<RunResult>),
+    Train { saved: Option<LoopState>, lock: FolderLock },
+}
+
+/// [`train`] as one process of a data-parallel run (or the only one). Only the process computing
+/// rank 0 locks and writes the folder; the others wait until it has settled the folder, then
+/// read the same checkpoint and follow.
 pub fn train_with(
     spec: &RunSpec,
     dir: &Path,
     opts: &TrainOptions<'_>,
-    make: &dyn Fn() -> Result<Trainer>,
+    collective: Box<dyn Collective>,
 ) -> Result<Outcome> {
     spec.validate()?;
     // Reach the device before anything is created.
     device(spec.device)?;
     let run = RunDir::new(dir);
     let id = spec.id();
-    // Refuse a folder of another spec before touching it (checked again under the lock).
-    if let RunState::Finished(r) = run.state(&id)? {
-        return Ok(Outcome::Finished(r));
+    let writer = collective.writes();
+    if writer && collective.processes() > 1 && opts.dump_batches.is_some() {
+        bail!(
+            "--dump-batches with several processes: the batches are those of the one-process run of the same spec; \
+             dump them there"
+        );
     }
     let existed = dir.exists();
+    let prepared = if writer { Some(prepare(&run, &id, dir, opts)?) } else { None };
+    collective.barrier()?;
+    let (saved, lock) = match prepared {
+        Some(Prepared::Finished(r)) => return Ok(Outcome::Finished(r)),
+        Some(Prepared::Train { saved, lock }) => (saved, Some(lock)),
+        // The writer has settled the folder and holds it: read what it found.
+        None => match run.state(&id)? {
+            RunState::Finished(r) => return Ok(Outcome::Finished(r)),
+            _ => (checkpoint::settled(&run)?, None),
+        },
+    };
+    let trainer = match Trainer::with_collective(spec, collective) {
+        Ok(t) => t,
+        Err(e) => {
+            // Nothing of the run was written: leave no folder that looks like one.
+            drop(lock);
+            if writer && !existed {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            return Err(e);
+        }
+    };
+    if writer {
+        write_atomically(&run.spec(), serde_json::to_string_pretty(spec)?.as_bytes())?;
+        let _ = std::fs::remove_file(run.failed());
+    }
+    let mut trainer = trainer;
+    let outcome = train_loop(&mut trainer, spec, &run, &id, saved, opts, writer);
+    if let Err(e) = &outcome {
+        let diverged = e.downcast_ref::<Diverged>().map(|d| d.update);
+        if writer {
+            let why = Failure { spec_id: id.clone(), error: format!("{e:#}"), diverged_at: diverged };
+            let _ = write_atomically(&run.failed(), serde_json::to_string_pretty(&why)?.as_bytes());
+        }
+        // An error every process finds alike (on summed values or identical parameters): the
+        // others wait until failed.json is written before they exit. Any other error is this
+        // process's alone, and ends the job (the caller aborts it).
+        if diverged.is_some() || e.downcast_ref::<RanksDisagree>().is_some() {
+            trainer.collective().barrier()?;
+        }
+    }
+    drop(lock);
+    outcome
+}
+
+/// The writer's checks and recovery before training: another spec's folder is refused, a
+/// finished run is reported, an unfinished one continued (or refused without `--resume`), an
+/// interrupted checkpoint save settled; the folder is locked from here on.
+fn prepare(run: &RunDir, id: &str, dir: &Path, opts: &TrainOptions<'_>) -> Result<Prepared> {
+    // Refuse a folder of another spec before touching it (checked again under the lock).
+    if let RunState::Finished(r) = run.state(id)? {
+        return Ok(Prepared::Finished(r));
+    }
     let lock = FolderLock::acquire(dir, "run folder")?;
-    let resumable = match run.state(&id)? {
-        RunState::Finished(r) => return Ok(Outcome::Finished(r)),
+    let resumable = match run.state(id)? {
+        RunState::Finished(r) => return Ok(Prepared::Finished(r)),
         RunState::Unfinished => true,
         RunState::Absent => false,
     };
@@ -121,31 +185,8 @@ pub fn train_with(
     remove_stale_temporaries(dir)?;
     // A run stopped before its first checkpoint has nothing to continue from: it starts again
     // (nothing is lost, its logs are rewritten from update 1).
-    let saved = checkpoint::settle(&run)?;
-    let trainer = match make() {
-        Ok(t) => t,
-        Err(e) => {
-            // Nothing of the run was written: leave no folder that looks like one.
-            drop(lock);
-            if !existed {
-                let _ = std::fs::remove_dir_all(dir);
-            }
-            return Err(e);
-        }
-    };
-    let writer = trainer.collective().ranks_here(spec.ranks).start == 0;
-    if writer {
-        write_atomically(&run.spec(), serde_json::to_string_pretty(spec)?.as_bytes())?;
-        let _ = std::fs::remove_file(run.failed());
-    }
-    let outcome = train_loop(trainer, spec, &run, &id, saved, opts, writer);
-    if let (Err(e), true) = (&outcome, writer) {
-        let diverged = e.downcast_ref::<Diverged>().map(|d| d.update);
-        let why = Failure { spec_id: id.clone(), error: format!("{e:#}"), diverged_at: diverged };
-        let _ = write_atomically(&run.failed(), serde_json::to_string_pretty(&why)?.as_bytes());
-    }
-    drop(lock);
-    outcome
+    let saved = checkpoint::settle(run)?;
+    Ok(Prepared::Train { saved, lock })
 }
 
 /// The batch dump: rows of updates up to `done` are kept from an earlier call, later ones are
@@ -165,7 +206,7 @@ fn open_dump(path: &Path, done: u64) -> Result<CsvLog<BatchRow>> {
 }
 
 fn train_loop(
-    mut tr: Trainer,
+    tr: &mut Trainer,
     spec: &RunSpec,
     run: &RunDir,
     id: &str,
@@ -252,6 +293,9 @@ fn train_loop(
 
         let last = state.step == spec.updates;
         if state.step % spec.eval_interval == 0 || last {
+            // Every process evaluates (the writer alone records it; the others would only
+            // wait): the decisions taken on an evaluation are every process's.
+            tr.check_processes_agree(state.step)?;
             let (eval_loss, eval_accuracy) = tr.work.evaluate()?;
             let train_loss = match tr.work.train_estimate()? {
                 Some(t) => t,
@@ -297,7 +341,10 @@ fn train_loop(
         params: tr.work.params().num_params(),
         optimizer_state_bytes_per_param: tr.opt.optimizer().state_bytes_per_param(),
         ranks: spec.ranks,
-        execution: Execution { processes: tr.collective().processes(), backend: tr.collective().backend().into() },
+        execution: Execution {
+            processes: tr.collective().processes(),
+            backend: tr.collective().backend().name().into(),
+        },
         commit: code_version(),
     };
     if writer {

@@ -4,7 +4,11 @@
 //!
 //! 1. Every rank r runs its `grad_accum / ranks` micro-batches, each loss divided by
 //!    `grad_accum`, and sums their gradients (ranks in order, so that one process and several
-//!    add in the same order).
+//!    add in the same order). Several processes then sum their shares in one all-reduce of the
+//!    flattened gradients, and one all-reduce of a small f64 buffer carries every micro-batch's
+//!    loss, every rank's hyper-gradient and the item count, each in its own slot, so that the
+//!    logged loss and the hyper-gradient are added in rank order exactly as one process adds
+//!    them. A non-finite loss is found on those summed values, by every process alike.
 //! 2. The hyper-gradient of the previous update (MADA, HyperAdam) is taken from each rank's
 //!    *first* micro-batch, before any clipping, and summed over the ranks. With the loss divided
 //!    by `grad_accum` = ranks × per-rank accumulation A this is exactly `train_ddp.py`'s
@@ -24,13 +28,14 @@
 
 use std::time::Instant;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use mada::candle::VarOptimizer;
 use mada::{AnyOptimizer, HyperStep};
 
 use crate::models::nn::ParamStore;
+use crate::parallel::{self, Collective, SingleProcess};
 use crate::run::log::HyperRecord;
 use crate::run::spec::{ClipMode, RunSpec};
 use crate::run::workload::{MicroBatch, Workload};
@@ -49,42 +54,6 @@ pub struct Diverged {
 
 fn diverged(update: u64, what: impl Into<String>) -> anyhow::Error {
     Diverged { update, what: what.into() }.into()
-}
-
-/// Sums across the processes of a data-parallel run. One process computing every rank needs
-/// none ([`SingleProcess`]); `crate::parallel` has the MPI and NCCL ones.
-pub trait Collective {
-    /// This process's ranks, in order.
-    fn ranks_here(&self, world: u64) -> std::ops::Range<u64>;
-    /// Sum `t` over the processes (every process gets the sum).
-    fn sum_tensor(&self, t: &Tensor) -> Result<Tensor>;
-    /// Sum `v` over the processes, in place.
-    fn sum_f64(&self, v: &mut [f64]) -> Result<()>;
-    /// What runs this: `single-process`, `mpi`, `nccl`.
-    fn backend(&self) -> &'static str;
-    /// Processes taking part.
-    fn processes(&self) -> u64;
-}
-
-/// Every rank in this process.
-pub struct SingleProcess;
-
-impl Collective for SingleProcess {
-    fn ranks_here(&self, world: u64) -> std::ops::Range<u64> {
-        0..world
-    }
-    fn sum_tensor(&self, t: &Tensor) -> Result<Tensor> {
-        Ok(t.clone())
-    }
-    fn sum_f64(&self, _: &mut [f64]) -> Result<()> {
-        Ok(())
-    }
-    fn backend(&self) -> &'static str {
-        "single-process"
-    }
-    fn processes(&self) -> u64 {
-        1
-    }
 }
 
 /// `acc += more·scale` over the variables (`acc` empty: `more` itself, scaled).
@@ -174,7 +143,7 @@ pub struct Trainer {
 /// What one update did.
 pub struct StepOutput {
     pub lr: f64,
-    /// Mean training loss over the update's micro-batches (of this process).
+    /// Mean training loss over the update's micro-batches (of every process).
     pub loss: f64,
     /// Norm of the whole update's gradient, before clipping.
     pub grad_norm: f64,
@@ -182,7 +151,7 @@ pub struct StepOutput {
     pub hyper: HyperRecord,
     /// Coefficients after the hyper-step (NaN for non-MADA optimizers).
     pub coefficients: [f64; 6],
-    /// Tokens or images processed (by this process).
+    /// Tokens or images processed (by every process).
     pub items: usize,
     /// Where each micro-batch's rows came from: (micro-batch index, row starts).
     pub batches: Vec<(u64, Vec<usize>)>,
@@ -198,8 +167,12 @@ impl Trainer {
         Self::with_collective(spec, Box::new(SingleProcess))
     }
 
+    /// A process of a data-parallel run computing its share of the spec's ranks.
     pub fn with_collective(spec: &RunSpec, collective: Box<dyn Collective>) -> Result<Self> {
         spec.validate()?;
+        if !spec.ranks.is_multiple_of(collective.processes()) {
+            bail!("ranks = {} cannot be shared out over {} processes", spec.ranks, collective.processes());
+        }
         let work = Workload::build(spec)?;
         let vars = work.params().vars();
         let decayed =
@@ -227,42 +200,35 @@ impl Trainer {
         let update = step + 1;
         let (mut model_s, mut optimizer_s) = (0.0, 0.0);
         let mut total: Option<GradStore> = None;
-        let mut loss_total = 0.0;
-        let mut items = 0usize;
-        let mut hyper_sum: Option<[f64; 6]> = None;
+        // The all-reduced buffer: each micro-batch's loss / grad_accum at slot rank·A + local,
+        // then each rank's hyper-gradient (6 slots), then the item count and whether
+        // hyper-gradients were taken. Slots of ranks other processes compute stay 0.
+        let (hyper_at, items_at) = (ga as usize, ga as usize + 6 * world as usize);
+        let mut shared = vec![0f64; items_at + 2];
         let mut batches = Vec::new();
-        for rank in self.collective.ranks_here(world) {
+        let mut non_finite = false;
+        'ranks: for rank in self.collective.ranks_here(world) {
             let mut rank_acc: Option<GradStore> = None;
             for local in 0..per_rank {
                 let mb = MicroBatch { step, rank, ranks: world, local };
                 let t = Instant::now();
                 let (loss, n, rows) = self.work.micro_loss(mb, ga)?;
                 let value = loss.to_scalar::<f32>()? as f64;
+                shared[(rank * per_rank + local) as usize] = value / ga as f64;
                 if !value.is_finite() {
-                    let at = format!("micro-batch {} (rank {rank})", mb.index() + 1);
-                    return Err(match first_non_finite_parameter(self.work.params())? {
-                        Some(p) => {
-                            diverged(update, format!("{at}: the training loss is {value}: parameter {p} is not finite"))
-                        }
-                        None => diverged(
-                            update,
-                            format!(
-                                "{at}: the training loss is {value} with every parameter finite (an activation \
-                                 overflowed: lower the learning rate or clip harder)"
-                            ),
-                        ),
-                    });
+                    // Reported after the sums, by every process (see below).
+                    non_finite = true;
+                    break 'ranks;
                 }
-                loss_total += value / ga as f64;
-                items += n;
+                shared[items_at] += n as f64;
                 batches.push((mb.index(), rows));
                 let grads = (loss / ga as f64)?.backward()?;
                 model_s += t.elapsed().as_secs_f64();
                 let t = Instant::now();
                 if local == 0 {
                     if let Some(h) = self.hypergradient(&grads)? {
-                        let sum = hyper_sum.get_or_insert([0.0; 6]);
-                        sum.iter_mut().zip(h).for_each(|(s, x)| *s += x);
+                        shared[hyper_at + 6 * rank as usize..][..6].copy_from_slice(&h);
+                        shared[items_at + 1] = 1.0;
                     }
                 }
                 add_grads(&mut rank_acc, &self.vars, grads, 1.0)?;
@@ -282,13 +248,38 @@ impl Trainer {
             optimizer_s += t.elapsed().as_secs_f64();
         }
         let t = Instant::now();
+        self.collective.sum_f64(&mut shared)?;
+        if let Some(slot) = shared[..ga as usize].iter().position(|l| !l.is_finite()) {
+            let (rank, local) = (slot as u64 / per_rank, slot as u64 % per_rank);
+            let value = shared[slot] * ga as f64;
+            let at = format!("micro-batch {} (rank {rank})", local * world + rank + 1);
+            return Err(match first_non_finite_parameter(self.work.params())? {
+                Some(p) => diverged(update, format!("{at}: the training loss is {value}: parameter {p} is not finite")),
+                None => diverged(
+                    update,
+                    format!(
+                        "{at}: the training loss is {value} with every parameter finite (an activation overflowed: \
+                         lower the learning rate or clip harder)"
+                    ),
+                ),
+            });
+        }
+        debug_assert!(!non_finite);
+        let loss_total = shared[..ga as usize].iter().fold(0.0, |a, l| a + l);
+        let hyper_sum = (shared[items_at + 1] > 0.0).then(|| {
+            let mut sum = [0f64; 6];
+            for h in shared[hyper_at..items_at].chunks(6) {
+                sum.iter_mut().zip(h).for_each(|(s, x)| *s += x);
+            }
+            sum
+        });
         let mut total = total.context("no micro-batch")?;
         if self.collective.processes() > 1 {
-            for v in &self.vars {
-                if let Some(g) = total.get(v.as_tensor()) {
-                    let summed = self.collective.sum_tensor(g)?;
-                    total.insert(v.as_tensor(), summed);
-                }
+            let held: Vec<&Var> = self.vars.iter().filter(|v| total.get(v.as_tensor()).is_some()).collect();
+            let grads: Vec<Tensor> =
+                held.iter().map(|v| total.get(v.as_tensor()).cloned()).collect::<Option<_>>().context("gradient")?;
+            for (v, g) in held.into_iter().zip(parallel::sum_tensors(&*self.collective, &grads)?) {
+                total.insert(v.as_tensor(), g);
             }
         }
         let hyper = self.hyper_step(hyper_sum, update)?;
@@ -318,17 +309,25 @@ impl Trainer {
             grad_norm: norm,
             hyper,
             coefficients: self.opt.optimizer().as_mada().map(|m| m.coefficients().to_array()).unwrap_or([f64::NAN; 6]),
-            items,
+            items: shared[items_at] as usize,
             batches,
             model_s,
             optimizer_s,
         })
     }
 
-    /// Sum the ranks' hyper-gradients over the processes and take the hyper-step.
-    fn hyper_step(&mut self, local: Option<[f64; 6]>, update: u64) -> Result<HyperRecord> {
-        let Some(mut h) = local else { return Ok(HyperRecord::NONE) };
-        self.collective.sum_f64(&mut h)?;
+    /// A checksum of the parameters, compared across the processes: an error (every process's)
+    /// when they differ.
+    pub fn check_processes_agree(&self, update: u64) -> Result<()> {
+        if self.collective.processes() > 1 && !self.collective.agree(parallel::parameter_checksum(&self.vars)?)? {
+            return Err(parallel::RanksDisagree { update }.into());
+        }
+        Ok(())
+    }
+
+    /// Take the hyper-step with the ranks' summed hyper-gradient.
+    fn hyper_step(&mut self, summed: Option<[f64; 6]>, update: u64) -> Result<HyperRecord> {
+        let Some(h) = summed else { return Ok(HyperRecord::NONE) };
         if self.opt.optimizer().as_mada().is_none() {
             return Ok(HyperRecord::NONE);
         }
