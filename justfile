@@ -105,6 +105,10 @@ bench-optimizer:
 bench-train:
     {{repro}} bench
 
+# Time the baby GPT with MADA as 2 MPI processes against one process, and the all-reduce per update.
+bench-dp:
+    cargo run --release -q -p paper-repro --features mpi -- bench-dp
+
 # Check every convergence bound numerically into reports/cpu/analysis (--quick: smoke size).
 bounds *args:
     cargo run --release -q -p analysis -- bounds {{args}}

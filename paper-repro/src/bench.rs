@@ -8,7 +8,7 @@
 
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 
 use crate::data::text::{prepare, Tokenizer};
 use crate::data::vision::VisionData;
@@ -186,6 +186,111 @@ pub fn run(scratch: &Path, steps: u64) -> Result<()> {
         };
         println!("{model_name} pytorch: {theirs:.0}");
         println!("{model_name} ours/pytorch: {:.2}", rate / theirs);
+    }
+    Ok(())
+}
+
+/// The data-parallel benchmark's run: the baby GPT with MADA, 2 ranks of one micro-batch of 8
+/// sequences each (the one-process run computes both).
+fn data_parallel_spec(scratch: &Path) -> Result<RunSpec> {
+    let macbeth = crate::data::embedded::MACBETH.to_string();
+    let corpus = scratch.join("bench-char");
+    let meta = prepare(&[macbeth], Tokenizer::Char, &corpus, "macbeth")?;
+    let mut baby = GptConfig::baby_char(meta.vocab.size());
+    baby.dropout = 0.0;
+    let task = Task::Lm {
+        data: TextData { dir: corpus },
+        model: baby,
+        init_from: None,
+        init_from_hf: false,
+        eval_chunks: 1,
+        eval_batch: 1,
+    };
+    let mut spec = base(task, MADA, 8);
+    spec.ranks = 2;
+    spec.grad_accum = 2;
+    Ok(spec)
+}
+
+/// Medians over `steps` updates (after one warm-up update) of items/s and collective seconds.
+fn measure_with(tr: &mut Trainer, steps: u64) -> Result<(f64, f64, f64)> {
+    tr.step(0)?;
+    let (mut rates, mut collective, mut update) = (Vec::new(), Vec::new(), Vec::new());
+    for s in 1..=steps {
+        let t = std::time::Instant::now();
+        let out = tr.step(s)?;
+        let dt = t.elapsed().as_secs_f64();
+        rates.push(out.items as f64 / dt);
+        collective.push(out.collective_s);
+        update.push(dt);
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Ok((median(rates), median(collective), median(update)))
+}
+
+/// `just bench-dp`: the baby GPT with MADA trained by one process computing both ranks (all
+/// cores) and by 2 MPI processes of one rank each (half the cores each), measured in this one
+/// run; prints `data-parallel all-reduce per update (mpi, 2 processes): X ms` and
+/// `data-parallel 2 processes / 1 process throughput: R`.
+pub fn data_parallel(scratch: &Path, steps: u64) -> Result<()> {
+    if !cfg!(feature = "mpi") {
+        bail!("this build has no MPI backend: build paper-repro with --features mpi (`just bench-dp` does)");
+    }
+    let spec = data_parallel_spec(scratch)?;
+    let threads = rayon::current_num_threads();
+    let mut one = Trainer::new(&spec)?;
+    let params = one.work.params().num_params();
+    let (one_rate, _, _) = measure_with(&mut one, steps)?;
+    drop(one);
+    println!("data-parallel benchmark: baby GPT ({params} parameters) with MADA, 2 ranks × 8 sequences × 256 tokens, median of {steps} updates");
+    println!("data-parallel one process ({threads} threads) tokens/s: {one_rate:.0}");
+    let file = scratch.join("bench-dp-spec.json");
+    std::fs::write(&file, serde_json::to_string(&spec)?)?;
+    let exe = std::env::current_exe().context("cannot find this program's path")?;
+    let mut cmd = crate::parallel::launch::mpirun_command(2)?;
+    cmd.arg(&exe).arg("bench-dp-worker").arg(&file).args(["--steps", &steps.to_string()]);
+    let o = cmd.output().context("cannot start mpirun")?;
+    if !o.status.success() {
+        bail!(
+            "the 2-process benchmark failed: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let out = String::from_utf8_lossy(&o.stdout);
+    let field = |key: &str| -> Result<f64> {
+        out.lines()
+            .find_map(|l| l.strip_prefix(key).and_then(|v| v.trim().parse().ok()))
+            .with_context(|| format!("the worker printed no `{key}`: {out}"))
+    };
+    let (rate, reduce_s, update_s) =
+        (field("worker tokens/s:")?, field("worker all-reduce s:")?, field("worker update s:")?);
+    println!("data-parallel two processes ({} threads each) tokens/s: {rate:.0}", (threads / 2).max(1));
+    println!(
+        "data-parallel all-reduce per update (mpi, 2 processes): {:.1} ms ({:.1}% of the update; {:.1} MB of f32 gradients)",
+        reduce_s * 1e3,
+        100.0 * reduce_s / update_s,
+        params as f64 * 4.0 / 1e6
+    );
+    println!("data-parallel 2 processes / 1 process throughput: {:.2}", rate / one_rate);
+    Ok(())
+}
+
+/// One process of [`data_parallel`]'s 2-process measurement (under mpirun); rank 0 prints.
+#[cfg(feature = "mpi")]
+pub fn data_parallel_worker(spec_file: &Path, steps: u64) -> Result<()> {
+    use crate::parallel::Collective;
+    let mpi = crate::parallel::mpi::Mpi::init()?;
+    let world = mpi.world();
+    let first = world.process() == 0;
+    let spec: RunSpec = serde_json::from_str(&std::fs::read_to_string(spec_file)?)?;
+    let mut tr = Trainer::with_collective(&spec, Box::new(world))?;
+    let (rate, reduce_s, update_s) = measure_with(&mut tr, steps)?;
+    if first {
+        println!("worker tokens/s: {rate}\nworker all-reduce s: {reduce_s}\nworker update s: {update_s}");
     }
     Ok(())
 }

@@ -101,6 +101,19 @@ enum Command {
         #[arg(long, value_enum, default_value = "single-process")]
         data_parallel: Backend,
     },
+    /// Throughput of the baby GPT with MADA trained as 2 MPI processes against one process, and
+    /// the all-reduce time per update (needs --features mpi and mpirun).
+    BenchDp {
+        #[arg(long, default_value_t = 5)]
+        steps: u64,
+    },
+    /// One process of bench-dp's 2-process measurement (started by bench-dp under mpirun).
+    #[command(hide = true)]
+    BenchDpWorker {
+        spec: PathBuf,
+        #[arg(long)]
+        steps: u64,
+    },
     /// Train one run as N data-parallel processes, one rank each, through MPI (the spec's
     /// ranks must be N); the run folder and results are those of the same spec trained in one
     /// process. Needs a build with `--features mpi` and OpenMPI's mpirun.
@@ -363,6 +376,17 @@ fn run(cli: Cli) -> Result<()> {
             let _ = std::fs::remove_dir_all(&dir);
             result
         }
+        Command::BenchDp { steps } => {
+            let dir = std::env::temp_dir().join(format!("paper-repro-bench-dp-{}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            let result = paper_repro::bench::data_parallel(&dir, steps);
+            let _ = std::fs::remove_dir_all(&dir);
+            result
+        }
+        #[cfg(feature = "mpi")]
+        Command::BenchDpWorker { spec, steps } => paper_repro::bench::data_parallel_worker(&spec, steps),
+        #[cfg(not(feature = "mpi"))]
+        Command::BenchDpWorker { .. } => anyhow::bail!("this build has no MPI backend"),
         Command::GpuCheck { out } => {
             if paper_repro::gpu_check::run(&out)? {
                 Ok(())

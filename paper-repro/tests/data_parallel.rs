@@ -208,7 +208,11 @@ fn a_killed_rank_ends_the_job_naming_it_and_the_resumed_run_equals_an_uninterrup
     assert!(logged_rows(&two) < 400, "the job went on after its rank died");
     // The last complete checkpoint is intact (a multiple of the interval, within the log).
     let state = checkpoint::settled(&RunDir::new(&two)).unwrap().expect("a checkpoint");
-    assert!(state.step.is_multiple_of(10) && state.step > 0 && state.step as usize <= logged_rows(&two), "{}", state.step);
+    assert!(
+        state.step.is_multiple_of(10) && state.step > 0 && state.step as usize <= logged_rows(&two),
+        "{}",
+        state.step
+    );
     assert!(!two.join("result.json").exists());
 
     let o = launch(&file, &two, &["--resume"]);

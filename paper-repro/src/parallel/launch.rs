@@ -49,6 +49,19 @@ fn mpirun() -> Result<PathBuf> {
 /// The `mpirun` command line that trains `spec_file` into `out` with `processes` processes of
 /// the program `exe`.
 pub fn command(exe: &Path, spec_file: &Path, out: &Path, processes: u64, opts: &LaunchOptions) -> Result<Command> {
+    let mut cmd = mpirun_command(processes)?;
+    cmd.arg(exe).arg("train").arg(spec_file).arg("--out").arg(out).args(["--data-parallel", "mpi"]);
+    if opts.resume {
+        cmd.arg("--resume");
+    }
+    if let Some(n) = opts.pause_after {
+        cmd.args(["--pause-after", &n.to_string()]);
+    }
+    Ok(cmd)
+}
+
+/// `mpirun` starting `processes` processes (the program and its arguments to be added).
+pub fn mpirun_command(processes: u64) -> Result<Command> {
     let mut cmd = Command::new(mpirun()?);
     // Root in a container (CI): OpenMPI refuses root unless told; more processes than cores
     // are allowed (the tests' 2 processes on a 2-core machine with hyper-threads off).
@@ -61,13 +74,6 @@ pub fn command(exe: &Path, spec_file: &Path, out: &Path, processes: u64, opts: &
         (cores / processes).max(1).to_string()
     });
     cmd.args(["-x", &format!("RAYON_NUM_THREADS={threads}")]);
-    cmd.arg(exe).arg("train").arg(spec_file).arg("--out").arg(out).args(["--data-parallel", "mpi"]);
-    if opts.resume {
-        cmd.arg("--resume");
-    }
-    if let Some(n) = opts.pause_after {
-        cmd.args(["--pause-after", &n.to_string()]);
-    }
     Ok(cmd)
 }
 

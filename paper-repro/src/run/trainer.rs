@@ -159,6 +159,8 @@ pub struct StepOutput {
     /// update).
     pub model_s: f64,
     pub optimizer_s: f64,
+    /// Seconds of it in the collective calls (the all-reduces; 0 in one process).
+    pub collective_s: f64,
 }
 
 impl Trainer {
@@ -249,6 +251,7 @@ impl Trainer {
         }
         let t = Instant::now();
         self.collective.sum_f64(&mut shared)?;
+        let mut collective_s = t.elapsed().as_secs_f64();
         if let Some(slot) = shared[..ga as usize].iter().position(|l| !l.is_finite()) {
             let (rank, local) = (slot as u64 / per_rank, slot as u64 % per_rank);
             let value = shared[slot] * ga as f64;
@@ -275,12 +278,14 @@ impl Trainer {
         });
         let mut total = total.context("no micro-batch")?;
         if self.collective.processes() > 1 {
+            let reduce = Instant::now();
             let held: Vec<&Var> = self.vars.iter().filter(|v| total.get(v.as_tensor()).is_some()).collect();
             let grads: Vec<Tensor> =
                 held.iter().map(|v| total.get(v.as_tensor()).cloned()).collect::<Option<_>>().context("gradient")?;
             for (v, g) in held.into_iter().zip(parallel::sum_tensors(&*self.collective, &grads)?) {
                 total.insert(v.as_tensor(), g);
             }
+            collective_s += reduce.elapsed().as_secs_f64();
         }
         let hyper = self.hyper_step(hyper_sum, update)?;
         let (norm, bad) = grad_norm(self.work.params(), &total, 1.0)?;
@@ -313,6 +318,7 @@ impl Trainer {
             batches,
             model_s,
             optimizer_s,
+            collective_s,
         })
     }
 
