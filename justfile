@@ -121,7 +121,7 @@ trace spec out:
 # Type-check and lint every cfg(feature = "cuda") line (CI runs it).
 check-cuda:
     CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/mada-workspace/target}-cuda-check" \
-        paper-repro/gpu/cuda-env.sh check -- cargo clippy --workspace --features cuda --all-targets -- -D warnings
+        paper-repro/gpu/cuda-env.sh check -- cargo clippy --workspace --features cuda,paper-repro/nccl --all-targets -- -D warnings
 
 # Build with CUDA 13.0 and pack a bundle for a GPU machine (.cache/gpu-bundle/, <= 64 MiB).
 gpu-bundle *out:

@@ -13,6 +13,10 @@
 //!    train_ddp's 8 GPUs × 5 accumulation steps on one GPU) and of a 100K-update paper run;
 //!    the peak device memory seen.
 //!
+//! 5. with the `nccl` feature, the NCCL data-parallel path in a world of one process: the
+//!    gradients' all-reduce on the device (the sum of one rank, which must return the input
+//!    exactly) and the parameter-checksum agreement.
+//!
 //! It writes `gpu-check.json` into the output folder, prints a summary, and fails (exit 1) when
 //! a comparison exceeds its stated tolerance. Built without `cuda`, or on a machine without a
 //! usable CUDA device, it says so in one line and succeeds.
@@ -110,9 +114,53 @@ pub struct GpuCheck {
     pub gpt: Vec<GptComparison>,
     pub optimizers: Vec<OptimizerComparison>,
     pub gpt2_124m: Gpt2Timing,
+    /// The NCCL path in a world of one: what it did, or why it did not run.
+    pub nccl: NcclCheck,
     /// Total minus the least free memory sampled during the check (other processes included).
     pub peak_memory_bytes: u64,
     pub seconds: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct NcclCheck {
+    pub ran: bool,
+    /// Elements all-reduced (in two tensors) and whether the sum of one rank returned them
+    /// bit for bit.
+    pub elements: usize,
+    pub exact: bool,
+    pub note: String,
+}
+
+/// Step 5: the NCCL backend's collectives in a world of one on `device`.
+#[cfg(feature = "nccl")]
+fn check_nccl(device: &Device) -> Result<NcclCheck> {
+    use crate::parallel::{nccl::Nccl, Collective};
+    let nccl = Nccl::alone(device)?;
+    let a = Tensor::randn(0f32, 1.0, (1024, 768), device)?;
+    let b = Tensor::randn(0f32, 1.0, 4097, device)?;
+    let summed = nccl.sum_tensors(&[a.clone(), b.clone()])?;
+    let same = |x: &Tensor, y: &Tensor| -> Result<bool> {
+        Ok(x.flatten_all()?.to_vec1::<f32>()? == y.flatten_all()?.to_vec1::<f32>()?)
+    };
+    let exact = same(&a, &summed[0])? && same(&b, &summed[1])? && nccl.agree(0x1234_5678_9abc_def0)?;
+    let mut host = [1.5f64, -2.0];
+    nccl.sum_f64(&mut host)?;
+    Ok(NcclCheck {
+        ran: true,
+        elements: a.elem_count() + b.elem_count(),
+        exact: exact && host == [1.5, -2.0],
+        note: "world of one".into(),
+    })
+}
+
+#[cfg(not(feature = "nccl"))]
+fn check_nccl(_: &Device) -> Result<NcclCheck> {
+    Ok(NcclCheck {
+        ran: false,
+        elements: 0,
+        exact: false,
+        note: "not built (feature nccl, which links libnccl)".into(),
+    })
 }
 
 /// ‖a − b‖₂ / ‖a‖₂ (0 when both are 0), in f64 on `b`'s device (`a` is copied there: on a
@@ -471,15 +519,24 @@ pub fn run(out: &Path) -> Result<bool> {
         gpt2_124m.projected_100k_updates_h_fp32,
         gpt2_124m.projected_100k_updates_h_tf32
     );
+    let nccl = check_nccl(&device)?;
+    if nccl.ran {
+        println!("gpu-check: nccl world of one: {} elements all-reduced: {}", nccl.elements, verdict(nccl.exact));
+    } else {
+        println!("gpu-check: nccl: {}", nccl.note);
+    }
     let report = GpuCheck {
         device: facts,
+        nccl,
         peak_memory_bytes: watch.peak_used(),
         gpt,
         optimizers,
         gpt2_124m,
         seconds: started.elapsed().as_secs_f64(),
     };
-    let pass = report.gpt.iter().all(|c| c.pass) && report.optimizers.iter().all(|c| c.pass);
+    let pass = report.gpt.iter().all(|c| c.pass)
+        && report.optimizers.iter().all(|c| c.pass)
+        && (!report.nccl.ran || report.nccl.exact);
     println!("gpu-check: peak device memory {:.1} GiB", report.peak_memory_bytes as f64 / (1u64 << 30) as f64);
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let path = out.join("gpu-check.json");

@@ -121,6 +121,9 @@ enum Command {
         /// The processes (= the spec's ranks).
         #[arg(long)]
         processes: u64,
+        /// mpi: CPU processes under mpirun; nccl: one process per GPU (feature nccl).
+        #[arg(long, value_enum, default_value = "mpi")]
+        backend: Backend,
         /// The spec file (JSON, or TOML by its .toml extension).
         spec: PathBuf,
         #[arg(long)]
@@ -276,6 +279,10 @@ fn train_command(spec_file: &Path, out: &Path, flags: &TrainFlags<'_>, backend: 
             Some(o) => o,
             None => return Ok(()),
         },
+        Backend::Nccl => match train_nccl(&spec, out, &opts, &bar)? {
+            Some(o) => o,
+            None => return Ok(()),
+        },
     };
     bar.finish_and_clear();
     print_outcome(out, &outcome);
@@ -303,35 +310,67 @@ fn print_outcome(out: &Path, outcome: &Outcome) {
 /// exit code.
 #[cfg(feature = "mpi")]
 fn train_mpi(spec: &RunSpec, out: &Path, opts: &TrainOptions<'_>, bar: &ProgressBar) -> Result<Option<Outcome>> {
-    use paper_repro::parallel::{mpi::Mpi, Collective, RanksDisagree};
+    use paper_repro::parallel::{mpi::Mpi, Collective};
     let mpi = Mpi::init()?;
     let world = mpi.world();
     let (process, processes) = (world.process(), world.processes());
     if process != 0 {
         bar.set_draw_target(ProgressDrawTarget::hidden());
     }
-    if let Err(e) = paper_repro::parallel::launch::check_spec(spec, processes) {
+    if let Err(e) = paper_repro::parallel::launch::check_spec(spec, processes, Backend::Mpi) {
         return if process == 0 { Err(e) } else { std::process::exit(1) };
     }
     match paper_repro::run::train_with(spec, out, opts, Box::new(world)) {
         Ok(o) => Ok((process == 0).then_some(o)),
-        Err(e)
-            if e.downcast_ref::<paper_repro::run::Diverged>().is_some()
-                || e.downcast_ref::<RanksDisagree>().is_some() =>
-        {
-            if process == 0 {
-                Err(e)
-            } else {
-                drop(mpi);
-                let diverged = e.downcast_ref::<paper_repro::run::Diverged>().is_some();
-                std::process::exit(if diverged { i32::from(paper_repro::reproduce::DIVERGED_EXIT) } else { 1 })
-            }
+        Err(e) if shared_failure(&e) && process != 0 => {
+            drop(mpi);
+            exit_as_rank_0_does(&e)
         }
+        Err(e) if shared_failure(&e) => Err(e),
         Err(e) => {
             eprintln!("error (process {process} of {processes}): {e:#}");
             mpi.abort(1)
         }
     }
+}
+
+/// Whether every process of a data-parallel run finds this error alike (rank 0 reports it).
+fn shared_failure(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<paper_repro::run::Diverged>().is_some()
+        || e.downcast_ref::<paper_repro::parallel::RanksDisagree>().is_some()
+}
+
+/// A shared failure on a process other than rank 0: exit quietly with the code rank 0 exits with.
+fn exit_as_rank_0_does(e: &anyhow::Error) -> ! {
+    let diverged = e.downcast_ref::<paper_repro::run::Diverged>().is_some();
+    std::process::exit(if diverged { i32::from(paper_repro::reproduce::DIVERGED_EXIT) } else { 1 })
+}
+
+/// One process of an NCCL data-parallel run (started by `launch --backend nccl`): as
+/// [`train_mpi`], except that a process's own error ends it with a non-zero exit and `launch`
+/// ends the others.
+#[cfg(feature = "nccl")]
+fn train_nccl(spec: &RunSpec, out: &Path, opts: &TrainOptions<'_>, bar: &ProgressBar) -> Result<Option<Outcome>> {
+    use paper_repro::parallel::nccl::{Nccl, Place};
+    let place = Place::from_env()?
+        .context("--data-parallel nccl: start the processes with `paper-repro launch --backend nccl --processes N`")?;
+    if place.rank != 0 {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    paper_repro::parallel::launch::check_spec(spec, place.world, Backend::Nccl)?;
+    let device = paper_repro::run::workload::device(spec.device)?;
+    let nccl = Nccl::join(&device, &place, out)?;
+    match paper_repro::run::train_with(spec, out, opts, Box::new(nccl)) {
+        Ok(o) => Ok((place.rank == 0).then_some(o)),
+        Err(e) if shared_failure(&e) && place.rank != 0 => exit_as_rank_0_does(&e),
+        Err(e) if shared_failure(&e) => Err(e),
+        Err(e) => Err(e.context(format!("rank {} of {}", place.rank, place.world))),
+    }
+}
+
+#[cfg(not(feature = "nccl"))]
+fn train_nccl(_: &RunSpec, _: &Path, _: &TrainOptions<'_>, _: &ProgressBar) -> Result<Option<Outcome>> {
+    anyhow::bail!("this build has no NCCL backend: build paper-repro with --features nccl")
 }
 
 #[cfg(not(feature = "mpi"))]
@@ -361,12 +400,19 @@ fn run(cli: Cli) -> Result<()> {
             let flags = TrainFlags { resume, auto, pause_after, dump_batches: dump_batches.as_deref(), progress_lines };
             train_command(&spec, &out, &flags, data_parallel)
         }
-        Command::Launch { processes, spec: file, out, resume, pause_after } => {
+        Command::Launch { processes, backend, spec: file, out, resume, pause_after } => {
             if file == Path::new("-") {
                 anyhow::bail!("launch reads the spec from a file (every process reads it), not standard input");
             }
             let spec = read_spec(&file)?;
-            paper_repro::parallel::launch::run(&spec, &file, &out, processes, &LaunchOptions { resume, pause_after })
+            paper_repro::parallel::launch::run(
+                &spec,
+                &file,
+                &out,
+                processes,
+                backend,
+                &LaunchOptions { resume, pause_after },
+            )
         }
         Command::Bench { steps } => {
             // A scratch folder for the benchmark's corpus, removed afterwards.

@@ -11,6 +11,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
+use crate::parallel::Backend;
 use crate::run::spec::{DeviceKind, RunSpec};
 use crate::run::Diverged;
 
@@ -21,9 +22,9 @@ pub struct LaunchOptions {
     pub pause_after: Option<u64>,
 }
 
-/// The checks a data-parallel run of `processes` processes must pass before any starts (also
-/// made by each process, for runs started with `mpirun` directly).
-pub fn check_spec(spec: &RunSpec, processes: u64) -> Result<()> {
+/// The checks a data-parallel run of `processes` processes of `backend` must pass before any
+/// starts (also made by each process, for runs started with `mpirun` directly).
+pub fn check_spec(spec: &RunSpec, processes: u64, backend: Backend) -> Result<()> {
     spec.validate()?;
     if spec.ranks != processes {
         bail!(
@@ -32,10 +33,15 @@ pub fn check_spec(spec: &RunSpec, processes: u64) -> Result<()> {
             spec.ranks
         );
     }
-    if spec.device != DeviceKind::Cpu {
-        bail!("device = {:?}: the MPI backend trains on the CPU (device = \"cpu\")", spec.device);
+    match (backend, spec.device) {
+        (Backend::Mpi, DeviceKind::Cuda) => {
+            bail!("device = \"cuda\": the MPI backend trains on the CPU (device = \"cpu\"; --backend nccl for GPUs)")
+        }
+        (Backend::Nccl, DeviceKind::Cpu) => {
+            bail!("device = \"cpu\": the NCCL backend trains on GPUs (device = \"cuda\"; --backend mpi for the CPU)")
+        }
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// `mpirun` on the PATH.
@@ -85,13 +91,32 @@ fn is_root() -> bool {
 }
 
 /// Run it and wait: Ok when every process finished.
-pub fn run(spec: &RunSpec, spec_file: &Path, out: &Path, processes: u64, opts: &LaunchOptions) -> Result<()> {
-    if !cfg!(feature = "mpi") {
-        bail!("this build has no MPI backend: build paper-repro with --features mpi (`just train-dp` does)");
+pub fn run(
+    spec: &RunSpec,
+    spec_file: &Path,
+    out: &Path,
+    processes: u64,
+    backend: Backend,
+    opts: &LaunchOptions,
+) -> Result<()> {
+    let built = match backend {
+        Backend::Mpi => cfg!(feature = "mpi"),
+        Backend::Nccl => cfg!(feature = "nccl"),
+        Backend::SingleProcess => bail!("launch starts several processes: --backend mpi or nccl"),
+    };
+    if !built {
+        bail!(
+            "this build has no {} backend: build paper-repro with --features {} (`just train-dp` builds mpi)",
+            backend.name(),
+            backend.name()
+        );
     }
-    check_spec(spec, processes)?;
+    check_spec(spec, processes, backend)?;
     let exe = std::env::current_exe().context("cannot find this program's path")?;
-    let status = command(&exe, spec_file, out, processes, opts)?.status().context("cannot start mpirun")?;
+    let status = match backend {
+        Backend::Mpi => command(&exe, spec_file, out, processes, opts)?.status().context("cannot start mpirun")?,
+        _ => run_gpu_processes(&exe, spec_file, out, processes, opts)?,
+    };
     if status.code() == Some(i32::from(crate::reproduce::DIVERGED_EXIT)) {
         // Rank 0 recorded it: a result, with the exit code of a one-process divergence.
         let failure = crate::run::RunDir::new(out).read_failure()?;
@@ -106,4 +131,155 @@ pub fn run(spec: &RunSpec, spec_file: &Path, out: &Path, processes: u64, opts: &
         );
     }
     Ok(())
+}
+
+/// NCCL has no launcher: start one process per GPU here (process r sees only GPU r: the r-th
+/// entry of the caller's CUDA_VISIBLE_DEVICES, else device r) and wait for them. The first to
+/// fail ends the others, and is named.
+fn run_gpu_processes(
+    exe: &Path,
+    spec_file: &Path,
+    out: &Path,
+    processes: u64,
+    opts: &LaunchOptions,
+) -> Result<std::process::ExitStatus> {
+    let visible: Vec<String> = match std::env::var("CUDA_VISIBLE_DEVICES") {
+        Ok(v) if !v.trim().is_empty() => v.split(',').map(|d| d.trim().to_string()).collect(),
+        _ => (0..processes).map(|r| r.to_string()).collect(),
+    };
+    if (visible.len() as u64) < processes {
+        bail!("{processes} processes need {processes} GPUs; CUDA_VISIBLE_DEVICES names {}", visible.len());
+    }
+    let job = format!(
+        "{:x}{:x}",
+        std::process::id(),
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos()
+    );
+    let mut commands = Vec::new();
+    for rank in 0..processes {
+        let mut cmd = Command::new(exe);
+        cmd.arg("train").arg(spec_file).arg("--out").arg(out).args(["--data-parallel", "nccl"]);
+        if opts.resume {
+            cmd.arg("--resume");
+        }
+        if let Some(n) = opts.pause_after {
+            cmd.args(["--pause-after", &n.to_string()]);
+        }
+        cmd.env("MADA_NCCL_RANK", rank.to_string())
+            .env("MADA_NCCL_WORLD", processes.to_string())
+            .env("MADA_NCCL_JOB", &job)
+            .env("CUDA_VISIBLE_DEVICES", &visible[rank as usize]);
+        commands.push(cmd);
+    }
+    run_ranks(commands)
+}
+
+/// Start one process per rank and wait for all of them. The first to fail ends the others
+/// (killed, then reaped) and is named on standard error; its status is returned. Otherwise the
+/// status of rank 0, once every process has succeeded.
+fn run_ranks(commands: Vec<Command>) -> Result<std::process::ExitStatus> {
+    let mut children = Vec::new();
+    for (rank, mut cmd) in commands.into_iter().enumerate() {
+        match cmd.spawn() {
+            Ok(c) => children.push(c),
+            Err(e) => {
+                for mut c in children {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+                return Err(e).with_context(|| format!("cannot start the process of rank {rank}"));
+            }
+        }
+    }
+    let mut done = vec![None; children.len()];
+    loop {
+        for rank in 0..children.len() {
+            if done[rank].is_some() {
+                continue;
+            }
+            if let Some(status) = children[rank].try_wait()? {
+                done[rank] = Some(status);
+                if !status.success() {
+                    eprintln!("rank {rank} failed ({status}); ending the other processes");
+                    for (other, c) in children.iter_mut().enumerate() {
+                        if done[other].is_none() {
+                            let _ = c.kill();
+                            let _ = c.wait();
+                        }
+                    }
+                    return Ok(status);
+                }
+            }
+        }
+        if done.iter().all(Option::is_some) {
+            return Ok(done[0].expect("rank 0 is done"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(script: &str) -> Command {
+        let mut c = Command::new("sh");
+        c.args(["-c", script]);
+        c
+    }
+
+    #[test]
+    fn the_first_rank_to_fail_ends_the_others_and_its_status_is_returned() {
+        let t = std::time::Instant::now();
+        let status = run_ranks(vec![sh("sleep 30"), sh("sleep 0.2; exit 7"), sh("sleep 30")]).unwrap();
+        assert_eq!(status.code(), Some(7));
+        assert!(t.elapsed().as_secs() < 10, "the sleeping ranks were ended");
+        let status = run_ranks(vec![sh("sleep 0.1"), sh("true")]).unwrap();
+        assert!(status.success());
+    }
+
+    #[test]
+    fn a_spec_that_does_not_fit_the_backend_or_the_world_is_refused() {
+        use crate::models::gpt::GptConfig;
+        use crate::run::spec::{ClipMode, Precision, Schedule, Task, TextData};
+        let mut spec = RunSpec {
+            label: "x".into(),
+            task: Task::Lm {
+                data: TextData { dir: "d".into() },
+                model: GptConfig {
+                    block_size: 8,
+                    vocab_size: 8,
+                    n_layer: 1,
+                    n_head: 1,
+                    n_embd: 8,
+                    dropout: 0.0,
+                    bias: false,
+                },
+                init_from: None,
+                init_from_hf: false,
+                eval_chunks: 1,
+                eval_batch: 1,
+            },
+            optimizer: serde_json::from_str(r#"{"name": "adam"}"#).unwrap(),
+            schedule: Schedule { lr: 1e-3, min_lr: 1e-4, warmup: 0, decay_until: 0, in_micro_steps: false },
+            updates: 2,
+            batch_size: 2,
+            grad_accum: 2,
+            ranks: 2,
+            weight_decay: 0.0,
+            grad_clip: 1.0,
+            clip_mode: ClipMode::Global,
+            seed: 1,
+            eval_interval: 1,
+            checkpoint_interval: 1,
+            device: DeviceKind::Cpu,
+            precision: Precision::Fp32,
+        };
+        check_spec(&spec, 2, Backend::Mpi).unwrap();
+        assert!(check_spec(&spec, 4, Backend::Mpi).unwrap_err().to_string().contains("ranks = 2 but 4 processes"));
+        assert!(check_spec(&spec, 2, Backend::Nccl).unwrap_err().to_string().contains("NCCL backend trains on GPUs"));
+        spec.device = DeviceKind::Cuda;
+        assert!(check_spec(&spec, 2, Backend::Mpi).unwrap_err().to_string().contains("MPI backend trains on the CPU"));
+        check_spec(&spec, 2, Backend::Nccl).unwrap();
+    }
 }

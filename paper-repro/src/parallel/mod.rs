@@ -12,6 +12,8 @@
 //! - MPI (feature `mpi`, the `mpi` crate over Debian's OpenMPI): CPU processes, launched by
 //!   `paper-repro launch --processes N` (`just train-dp N SPEC OUT`) or by `mpirun -n N
 //!   paper-repro train SPEC --out DIR --data-parallel mpi` directly.
+//! - NCCL (feature `nccl`, with `cuda`): one process per GPU, launched by `paper-repro launch
+//!   --backend nccl --processes N` ([`nccl`]).
 //!
 //! A process that dies or fails on its own ends the job: MPI's default error handler makes every
 //! collective call of the others fatal, the failing process calls `MPI_Abort` after printing its
@@ -29,6 +31,8 @@ use candle_core::{Tensor, Var};
 pub mod launch;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 
 /// What runs the ranks of a data-parallel world.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -37,6 +41,8 @@ pub enum Backend {
     SingleProcess,
     /// One MPI process per rank (CPU).
     Mpi,
+    /// One process per GPU, NCCL (feature `nccl`).
+    Nccl,
 }
 
 impl Backend {
@@ -44,6 +50,7 @@ impl Backend {
         match self {
             Backend::SingleProcess => "single-process",
             Backend::Mpi => "mpi",
+            Backend::Nccl => "nccl",
         }
     }
 }
@@ -66,6 +73,12 @@ pub trait Collective {
     fn agree(&self, value: u64) -> Result<bool>;
     /// Wait until every process has come here.
     fn barrier(&self) -> Result<()>;
+    /// Sum tensors over the processes in one call (every process gets the sums). By default
+    /// through the host: flattened to one f32 buffer, [`Collective::sum_f32`], split back into
+    /// tensors of the original shapes and devices; a GPU backend sums on the device.
+    fn sum_tensors(&self, tensors: &[Tensor]) -> Result<Vec<Tensor>> {
+        sum_tensors_on_host(self, tensors)
+    }
 
     /// The ranks of a world of `world` ranks this process computes, in order (a contiguous
     /// share; `world` is a multiple of the processes, checked at start).
@@ -106,9 +119,8 @@ impl Collective for SingleProcess {
     }
 }
 
-/// Sum tensors over the processes in one call: flattened to one f32 buffer on the host (the MPI
-/// backend's memory), summed, and split back into tensors of the original shapes and devices.
-pub fn sum_tensors(collective: &dyn Collective, tensors: &[Tensor]) -> Result<Vec<Tensor>> {
+/// [`Collective::sum_tensors`] through the host.
+fn sum_tensors_on_host<C: Collective + ?Sized>(collective: &C, tensors: &[Tensor]) -> Result<Vec<Tensor>> {
     let mut flat = Vec::with_capacity(tensors.iter().map(|t| t.elem_count()).sum());
     for t in tensors {
         flat.extend(t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?);
@@ -189,7 +201,7 @@ mod tests {
     fn summing_tensors_keeps_shapes_and_values_and_the_checksum_sees_one_bit() {
         let a = Tensor::new(&[[1f32, 2.], [3., 4.]], &Device::Cpu).unwrap();
         let b = Tensor::new(&[5f32], &Device::Cpu).unwrap();
-        let out = sum_tensors(&SingleProcess, &[a.clone(), b.clone()]).unwrap();
+        let out = SingleProcess.sum_tensors(&[a.clone(), b.clone()]).unwrap();
         assert_eq!(out[0].to_vec2::<f32>().unwrap(), a.to_vec2::<f32>().unwrap());
         assert_eq!(out[1].to_vec1::<f32>().unwrap(), vec![5.]);
         let v = Var::from_tensor(&a).unwrap();

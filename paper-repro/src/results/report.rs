@@ -5,6 +5,7 @@
 //! stated rule. Every number comes from the runs under `runs/<artifact>/<tier>/` or from the
 //! cited official logs.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -452,6 +453,28 @@ pub fn seeds_word(n: usize) -> String {
     }
 }
 
+/// How the finished runs were executed, grouped: "3 runs of 1 rank in one process, 2 runs of 2
+/// ranks as 2 mpi processes" (the world size and backend of each run, from result.json).
+fn execution_summary<'a>(runs: impl Iterator<Item = (u64, &'a crate::run::log::Execution)>) -> String {
+    let mut groups: BTreeMap<(u64, u64, String), usize> = BTreeMap::new();
+    for (ranks, e) in runs {
+        *groups.entry((ranks, e.processes, e.backend.clone())).or_default() += 1;
+    }
+    groups
+        .into_iter()
+        .map(|((ranks, processes, backend), n)| {
+            let runs = if n == 1 { "1 run".to_string() } else { format!("{n} runs") };
+            let ranks = if ranks == 1 { "1 rank".to_string() } else { format!("{ranks} ranks") };
+            if processes == 1 {
+                format!("{runs} of {ranks} in one process")
+            } else {
+                format!("{runs} of {ranks} as {processes} {backend} processes")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn status_word(r: &RunData) -> String {
     match r.status {
         RunStatus::NotStarted => "not started".into(),
@@ -550,14 +573,17 @@ pub fn report(paths: &Paths, tier: Tier, failures: &[String]) -> Result<()> {
                 let mut seeds: Vec<u64> = runs.iter().map(|d| d.seed).collect();
                 seeds.sort();
                 seeds.dedup();
+                let executions =
+                    execution_summary(runs.iter().filter_map(|r| r.result.as_ref()).map(|r| (r.ranks, &r.execution)));
                 let _ = writeln!(
                     md,
-                    "*What was run:* tier `{tier}`, {finished}/{} runs finished, {} of training, seeds {seeds:?}{}.\n",
+                    "*What was run:* tier `{tier}`, {finished}/{} runs finished, {} of training, seeds {seeds:?}{}{}.\n",
                     runs.len(),
                     hms(data.elapsed_s()),
                     e.run_table(tier)
                         .and_then(|r| r.get("updates").cloned())
-                        .map_or(String::new(), |u| format!(", {u} updates per run"))
+                        .map_or(String::new(), |u| format!(", {u} updates per run")),
+                    if executions.is_empty() { String::new() } else { format!("; executed as {executions}") }
                 );
                 let unfinished: Vec<String> = runs
                     .iter()
@@ -718,6 +744,19 @@ pub fn regenerate(paths: &Paths, tier: Tier, failures: &[String]) -> Result<()> 
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_report_says_how_each_run_was_executed() {
+        use crate::run::log::Execution;
+        let one = Execution::single_process();
+        let mpi = Execution { processes: 2, backend: "mpi".into() };
+        let runs = [(1, &one), (8, &one), (1, &one), (2, &mpi)];
+        assert_eq!(
+            execution_summary(runs.into_iter()),
+            "2 runs of 1 rank in one process, 1 run of 2 ranks as 2 mpi processes, 1 run of 8 ranks in one process"
+        );
+        assert_eq!(execution_summary(std::iter::empty()), "");
+    }
+
     use super::*;
     use crate::run::log::HyperRecord;
 

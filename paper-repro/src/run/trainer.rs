@@ -282,7 +282,7 @@ impl Trainer {
             let held: Vec<&Var> = self.vars.iter().filter(|v| total.get(v.as_tensor()).is_some()).collect();
             let grads: Vec<Tensor> =
                 held.iter().map(|v| total.get(v.as_tensor()).cloned()).collect::<Option<_>>().context("gradient")?;
-            for (v, g) in held.into_iter().zip(parallel::sum_tensors(&*self.collective, &grads)?) {
+            for (v, g) in held.into_iter().zip(self.collective.sum_tensors(&grads)?) {
                 total.insert(v.as_tensor(), g);
             }
             collective_s += reduce.elapsed().as_secs_f64();
