@@ -121,7 +121,7 @@ pub fn train_with(
             _ => (checkpoint::settled(&run)?, None),
         },
     };
-    let trainer = match Trainer::with_collective(spec, collective) {
+    let mut trainer = match Trainer::with_collective(spec, collective) {
         Ok(t) => t,
         Err(e) => {
             // Nothing of the run was written: leave no folder that looks like one.
@@ -136,7 +136,6 @@ pub fn train_with(
         write_atomically(&run.spec(), serde_json::to_string_pretty(spec)?.as_bytes())?;
         let _ = std::fs::remove_file(run.failed());
     }
-    let mut trainer = trainer;
     let outcome = train_loop(&mut trainer, spec, &run, &id, saved, opts, writer);
     if let Err(e) = &outcome {
         let diverged = e.downcast_ref::<Diverged>().map(|d| d.update);
