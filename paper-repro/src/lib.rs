@@ -7,8 +7,8 @@
 //!   run: spec, loop, checkpoints, its folder's files), [`results`] (tables, figures, report),
 //!   [`reproduce`] (orchestration), [`bench`] and [`gpu_check`] (the one check that needs a GPU).
 //!
-//! [`parallel`] runs one training run as several processes (data parallel, MPI); [`paths`] holds
-//! every path the crate derives.
+//! [`parallel`] runs one training run as several processes (data parallel: MPI, NCCL);
+//! [`paths`] holds every path the crate derives.
 
 pub mod bench;
 pub mod catalog;
