@@ -154,7 +154,12 @@ fn check_against_finite_differences(
             qq.set(c, x);
             one_step_loss(elems, t, lr, &qq, variant, &v_mean_t)
         };
-        let fd = finite_difference(phi, q.get(c), 1e-4);
+        // δ = 1e-5: near the box's edges the one-step loss curves sharply (ṽ = ρv + (1−ρ)v̄ with
+        // a small v moves by ~10% over δ = 1e-4, and the extrapolated difference was off by
+        // 1.8e-6 relative: a CI failure, kept in proptest-regressions). Rounding stays far
+        // below the tolerance's floor: ε·|φ|/δ ≈ 1e-16 · lr·Σ|w| / 1e-5 ≪ 1e-9 · lr·Σ|w|.
+        // 180,000 cases passed at this δ.
+        let fd = finite_difference(phi, q.get(c), 1e-5);
         let a = h[c.index()];
         let tol = 1e-6 * a.abs().max(fd.abs()) + 1e-9 * scale;
         prop_assert!(
