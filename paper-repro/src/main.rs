@@ -335,12 +335,14 @@ fn train_mpi(spec: &RunSpec, out: &Path, opts: &TrainOptions<'_>, bar: &Progress
 }
 
 /// Whether every process of a data-parallel run finds this error alike (rank 0 reports it).
+#[cfg(any(feature = "mpi", feature = "nccl"))]
 fn shared_failure(e: &anyhow::Error) -> bool {
     e.downcast_ref::<paper_repro::run::Diverged>().is_some()
         || e.downcast_ref::<paper_repro::parallel::RanksDisagree>().is_some()
 }
 
 /// A shared failure on a process other than rank 0: exit quietly with the code rank 0 exits with.
+#[cfg(any(feature = "mpi", feature = "nccl"))]
 fn exit_as_rank_0_does(e: &anyhow::Error) -> ! {
     let diverged = e.downcast_ref::<paper_repro::run::Diverged>().is_some();
     std::process::exit(if diverged { i32::from(paper_repro::reproduce::DIVERGED_EXIT) } else { 1 })
