@@ -42,18 +42,66 @@ fn base(task: Task, optimizer: &str, batch: usize) -> RunSpec {
     }
 }
 
-/// Median over `steps` updates (after one warm-up update) of items/s, model and optimizer time.
-fn measure(spec: &RunSpec, steps: u64) -> Result<(f64, f64, f64)> {
-    let mut tr = Trainer::new(spec)?;
+/// One timed update.
+struct Sample {
+    items_per_s: f64,
+    model_s: f64,
+    optimizer_s: f64,
+    collective_s: f64,
+    update_s: f64,
+}
+
+/// `steps` timed updates of `tr`, after one warm-up update.
+fn samples(tr: &mut Trainer, steps: u64) -> Result<Vec<Sample>> {
     tr.step(0)?;
-    let mut samples = Vec::new();
-    for s in 1..=steps {
-        let t = std::time::Instant::now();
-        let out = tr.step(s)?;
-        samples.push((out.items as f64 / t.elapsed().as_secs_f64(), out.model_s, out.optimizer_s));
-    }
-    samples.sort_by(|a, b| a.0.total_cmp(&b.0));
-    Ok(samples[samples.len() / 2])
+    (1..=steps)
+        .map(|s| {
+            let t = std::time::Instant::now();
+            let out = tr.step(s)?;
+            let update_s = t.elapsed().as_secs_f64();
+            Ok(Sample {
+                items_per_s: out.items as f64 / update_s,
+                model_s: out.model_s,
+                optimizer_s: out.optimizer_s,
+                collective_s: out.collective_s,
+                update_s,
+            })
+        })
+        .collect()
+}
+
+/// The median of one measure over the samples.
+fn median(samples: &[Sample], of: impl Fn(&Sample) -> f64) -> f64 {
+    let mut v: Vec<f64> = samples.iter().map(of).collect();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The update of median items/s over `steps` updates (after one warm-up update): its items/s,
+/// model and optimizer time.
+fn measure(spec: &RunSpec, steps: u64) -> Result<(f64, f64, f64)> {
+    let mut s = samples(&mut Trainer::new(spec)?, steps)?;
+    s.sort_by(|a, b| a.items_per_s.total_cmp(&b.items_per_s));
+    let m = &s[s.len() / 2];
+    Ok((m.items_per_s, m.model_s, m.optimizer_s))
+}
+
+/// nanoGPT shakespeare_char's baby GPT (no dropout) on Macbeth, character-level, prepared into
+/// `scratch` (its 65 characters; Macbeth has a few more).
+fn baby_gpt_task(scratch: &Path) -> Result<Task> {
+    let macbeth = crate::data::embedded::MACBETH.to_string();
+    let corpus = scratch.join("bench-char");
+    let meta = prepare(&[macbeth], Tokenizer::Char, &corpus, "macbeth")?;
+    let mut baby = GptConfig::baby_char(meta.vocab.size());
+    baby.dropout = 0.0;
+    Ok(Task::Lm {
+        data: TextData { dir: corpus },
+        model: baby,
+        init_from: None,
+        init_from_hf: false,
+        eval_chunks: 1,
+        eval_batch: 1,
+    })
 }
 
 /// The forward matrix products of one baby-GPT layer at batch 8 × 256 tokens (q|k|v, attention
@@ -124,26 +172,13 @@ fn pytorch_rate(python: &str, scratch: &Path, script: &str, args: &[&str], key: 
 
 /// Run the benchmark; `data` is a scratch folder for the benchmark's corpus.
 pub fn run(scratch: &Path, steps: u64) -> Result<()> {
-    let macbeth = crate::data::embedded::MACBETH.to_string();
-    let corpus = scratch.join("bench-char");
-    let meta = prepare(&[macbeth], Tokenizer::Char, &corpus, "macbeth")?;
     let threads = rayon::current_num_threads();
     println!("training-step benchmark: {threads} threads, median of {steps} updates");
     println!("matmul GFLOP/s (baby-gpt layer shapes): {:.0}", matmul_gflops(20)?);
-    // The baby GPT of nanoGPT's shakespeare_char (its 65 characters; Macbeth has a few more).
-    let mut baby = GptConfig::baby_char(meta.vocab.size());
-    baby.dropout = 0.0;
-    let lm = || Task::Lm {
-        data: TextData { dir: corpus.clone() },
-        model: baby.clone(),
-        init_from: None,
-        init_from_hf: false,
-        eval_chunks: 1,
-        eval_batch: 1,
-    };
+    let baby = baby_gpt_task(scratch)?;
     let mut ours = Vec::new();
     for (name, opt) in [("adam", ADAM), ("mada", MADA)] {
-        let spec = base(lm(), opt, 8);
+        let spec = base(baby.clone(), opt, 8);
         let (tps, model, optim) = measure(&spec, steps)?;
         if name == "adam" {
             ours.push(("baby-gpt", tps));
@@ -193,42 +228,17 @@ pub fn run(scratch: &Path, steps: u64) -> Result<()> {
 /// The data-parallel benchmark's run: the baby GPT with MADA, 2 ranks of one micro-batch of 8
 /// sequences each (the one-process run computes both).
 fn data_parallel_spec(scratch: &Path) -> Result<RunSpec> {
-    let macbeth = crate::data::embedded::MACBETH.to_string();
-    let corpus = scratch.join("bench-char");
-    let meta = prepare(&[macbeth], Tokenizer::Char, &corpus, "macbeth")?;
-    let mut baby = GptConfig::baby_char(meta.vocab.size());
-    baby.dropout = 0.0;
-    let task = Task::Lm {
-        data: TextData { dir: corpus },
-        model: baby,
-        init_from: None,
-        init_from_hf: false,
-        eval_chunks: 1,
-        eval_batch: 1,
-    };
-    let mut spec = base(task, MADA, 8);
+    let mut spec = base(baby_gpt_task(scratch)?, MADA, 8);
     spec.ranks = 2;
     spec.grad_accum = 2;
     Ok(spec)
 }
 
-/// Medians over `steps` updates (after one warm-up update) of items/s and collective seconds.
+/// Medians over `steps` updates (after one warm-up update) of items/s, collective seconds and
+/// update seconds, each taken on its own.
 fn measure_with(tr: &mut Trainer, steps: u64) -> Result<(f64, f64, f64)> {
-    tr.step(0)?;
-    let (mut rates, mut collective, mut update) = (Vec::new(), Vec::new(), Vec::new());
-    for s in 1..=steps {
-        let t = std::time::Instant::now();
-        let out = tr.step(s)?;
-        let dt = t.elapsed().as_secs_f64();
-        rates.push(out.items as f64 / dt);
-        collective.push(out.collective_s);
-        update.push(dt);
-    }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    Ok((median(rates), median(collective), median(update)))
+    let s = samples(tr, steps)?;
+    Ok((median(&s, |x| x.items_per_s), median(&s, |x| x.collective_s), median(&s, |x| x.update_s)))
 }
 
 /// `just bench-dp`: the baby GPT with MADA trained by one process computing both ranks (all

@@ -114,9 +114,10 @@ enum Command {
         #[arg(long)]
         steps: u64,
     },
-    /// Train one run as N data-parallel processes, one rank each, through MPI (the spec's
-    /// ranks must be N); the run folder and results are those of the same spec trained in one
-    /// process. Needs a build with `--features mpi` and OpenMPI's mpirun.
+    /// Train one run as N data-parallel processes, one rank each (the spec's ranks must be N):
+    /// CPU processes under OpenMPI's mpirun (`--features mpi`), or one process per GPU with
+    /// NCCL (`--features nccl`); the run folder and results are those of the same spec trained
+    /// in one process.
     Launch {
         /// The processes (= the spec's ranks).
         #[arg(long)]
@@ -310,7 +311,7 @@ fn print_outcome(out: &Path, outcome: &Outcome) {
 /// exit code.
 #[cfg(feature = "mpi")]
 fn train_mpi(spec: &RunSpec, out: &Path, opts: &TrainOptions<'_>, bar: &ProgressBar) -> Result<Option<Outcome>> {
-    use paper_repro::parallel::{mpi::Mpi, Collective};
+    use paper_repro::parallel::{is_shared_failure, mpi::Mpi, Collective};
     let mpi = Mpi::init()?;
     let world = mpi.world();
     let (process, processes) = (world.process(), world.processes());
@@ -322,11 +323,11 @@ fn train_mpi(spec: &RunSpec, out: &Path, opts: &TrainOptions<'_>, bar: &Progress
     }
     match paper_repro::run::train_with(spec, out, opts, Box::new(world)) {
         Ok(o) => Ok((process == 0).then_some(o)),
-        Err(e) if shared_failure(&e) && process != 0 => {
+        Err(e) if is_shared_failure(&e) && process != 0 => {
             drop(mpi);
             exit_as_rank_0_does(&e)
         }
-        Err(e) if shared_failure(&e) => Err(e),
+        Err(e) if is_shared_failure(&e) => Err(e),
         Err(e) => {
             eprintln!("error (process {process} of {processes}): {e:#}");
             mpi.abort(1)
@@ -334,18 +335,10 @@ fn train_mpi(spec: &RunSpec, out: &Path, opts: &TrainOptions<'_>, bar: &Progress
     }
 }
 
-/// Whether every process of a data-parallel run finds this error alike (rank 0 reports it).
-#[cfg(any(feature = "mpi", feature = "nccl"))]
-fn shared_failure(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<paper_repro::run::Diverged>().is_some()
-        || e.downcast_ref::<paper_repro::parallel::RanksDisagree>().is_some()
-}
-
 /// A shared failure on a process other than rank 0: exit quietly with the code rank 0 exits with.
 #[cfg(any(feature = "mpi", feature = "nccl"))]
 fn exit_as_rank_0_does(e: &anyhow::Error) -> ! {
-    let diverged = e.downcast_ref::<paper_repro::run::Diverged>().is_some();
-    std::process::exit(if diverged { i32::from(paper_repro::reproduce::DIVERGED_EXIT) } else { 1 })
+    std::process::exit(i32::from(exit_code(e)))
 }
 
 /// One process of an NCCL data-parallel run (started by `launch --backend nccl`): as
@@ -353,6 +346,7 @@ fn exit_as_rank_0_does(e: &anyhow::Error) -> ! {
 /// ends the others.
 #[cfg(feature = "nccl")]
 fn train_nccl(spec: &RunSpec, out: &Path, opts: &TrainOptions<'_>, bar: &ProgressBar) -> Result<Option<Outcome>> {
+    use paper_repro::parallel::is_shared_failure;
     use paper_repro::parallel::nccl::{Nccl, Place};
     let place = Place::from_env()?
         .context("--data-parallel nccl: start the processes with `paper-repro launch --backend nccl --processes N`")?;
@@ -364,8 +358,8 @@ fn train_nccl(spec: &RunSpec, out: &Path, opts: &TrainOptions<'_>, bar: &Progres
     let nccl = Nccl::join(&device, &place, out)?;
     match paper_repro::run::train_with(spec, out, opts, Box::new(nccl)) {
         Ok(o) => Ok((place.rank == 0).then_some(o)),
-        Err(e) if shared_failure(&e) && place.rank != 0 => exit_as_rank_0_does(&e),
-        Err(e) if shared_failure(&e) => Err(e),
+        Err(e) if is_shared_failure(&e) && place.rank != 0 => exit_as_rank_0_does(&e),
+        Err(e) if is_shared_failure(&e) => Err(e),
         Err(e) => Err(e.context(format!("rank {} of {}", place.rank, place.world))),
     }
 }
@@ -525,6 +519,16 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// The exit code of a failed command: a run that diverged is a result, not a broken pipeline,
+/// and has its own.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    if e.downcast_ref::<paper_repro::run::Diverged>().is_some() {
+        paper_repro::reproduce::DIVERGED_EXIT
+    } else {
+        1
+    }
+}
+
 fn main() -> ExitCode {
     // SAFETY: setting an allocator option before any other thread exists.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
@@ -537,12 +541,7 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("error: {e:#}");
-            // A run that diverged is a result, not a broken pipeline: its own exit code.
-            if e.downcast_ref::<paper_repro::run::Diverged>().is_some() {
-                ExitCode::from(paper_repro::reproduce::DIVERGED_EXIT)
-            } else {
-                ExitCode::FAILURE
-            }
+            ExitCode::from(exit_code(&e))
         }
     }
 }

@@ -6,62 +6,33 @@
 //! coefficient and hyper-gradient, every evaluation, the final parameters and optimizer state.
 #![cfg(feature = "mpi")]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use mada::OptimizerSpec;
-use paper_repro::data::text::{prepare, Tokenizer};
-use paper_repro::models::gpt::GptConfig;
 use paper_repro::run::checkpoint;
-use paper_repro::run::spec::{ClipMode, DeviceKind, Precision, RunSpec, Schedule, Task, TextData};
+use paper_repro::run::spec::{ClipMode, RunSpec, Schedule};
 use paper_repro::run::RunDir;
+
+mod common;
+use common::{corpus, lm_spec, spec_file};
 
 const BIN: &str = env!("CARGO_BIN_EXE_paper-repro");
 
-fn corpus(dir: &Path) {
-    let text: String = (0..400).map(|i| format!("to be or not to be {} that is the question. ", i % 7)).collect();
-    prepare(&[text], Tokenizer::Char, dir, "test").unwrap();
-}
-
-/// A tiny GPT trained with MADA (every coefficient learned, the hyper-step from update 1), 2
-/// ranks of 2 micro-batches each.
+/// [`lm_spec`] as a data-parallel run: MADA learning every coefficient from ρ = 0.5, 2 ranks of
+/// 2 micro-batches each.
 fn spec(data: &Path, updates: u64) -> RunSpec {
-    RunSpec {
-        label: "dp".into(),
-        task: Task::Lm {
-            data: TextData { dir: data.to_path_buf() },
-            model: GptConfig { block_size: 16, vocab_size: 32, n_layer: 1, n_head: 2, n_embd: 16, dropout: 0.0, bias: false },
-            init_from: None,
-            init_from_hf: false,
-            eval_chunks: 2,
-            eval_batch: 4,
-        },
-        optimizer: serde_json::from_str::<OptimizerSpec>(
-            r#"{"name": "mada", "coefficients": {"beta1": 0.9, "beta2": 0.95, "beta3": 0.0, "rho": 0.5, "c": 1.0, "gamma": 1.0},
-                "hyper": {"preset": "train_ddp", "start": 1}}"#,
-        )
-        .unwrap(),
-        schedule: Schedule { lr: 3e-3, min_lr: 3e-4, warmup: 1, decay_until: updates, in_micro_steps: false },
-        updates,
-        batch_size: 4,
-        grad_accum: 4,
-        ranks: 2,
-        weight_decay: 0.1,
-        grad_clip: 1.0,
-        clip_mode: ClipMode::Global,
-        seed: 5,
-        eval_interval: 3,
-        checkpoint_interval: 2,
-        device: DeviceKind::Cpu,
-        precision: Precision::Fp32,
-    }
-}
-
-fn spec_file(dir: &Path, spec: &RunSpec) -> PathBuf {
-    let p = dir.join(format!("spec-{}.json", spec.id()));
-    std::fs::write(&p, serde_json::to_string(spec).unwrap()).unwrap();
-    p
+    let mut s = lm_spec(data, updates);
+    s.label = "dp".into();
+    s.optimizer = serde_json::from_str(
+        r#"{"name": "mada", "coefficients": {"beta1": 0.9, "beta2": 0.95, "beta3": 0.0, "rho": 0.5, "c": 1.0, "gamma": 1.0},
+            "hyper": {"preset": "train_ddp", "start": 1}}"#,
+    )
+    .unwrap();
+    s.grad_accum = 4;
+    s.ranks = 2;
+    s.seed = 5;
+    s
 }
 
 fn paper_repro(args: &[&str]) -> Output {

@@ -6,7 +6,6 @@ use std::path::Path;
 
 use indicatif::ProgressBar;
 use mada::OptimizerSpec;
-use paper_repro::data::text::{prepare, Tokenizer};
 use paper_repro::data::vision::{write_idx_pair, VisionData};
 use paper_repro::models::gpt::GptConfig;
 use paper_repro::models::vision::VisionModelConfig;
@@ -14,10 +13,8 @@ use paper_repro::run::log::{read_rows, LogRow};
 use paper_repro::run::spec::{ClipMode, DeviceKind, Precision, RunSpec, Schedule, Task, TextData};
 use paper_repro::run::{Outcome, RunResult, Start, TrainOptions};
 
-fn corpus(dir: &Path) {
-    let text: String = (0..300).map(|i| format!("to be or not to be {} that is the question. ", i % 7)).collect();
-    prepare(&[text], Tokenizer::Char, dir, "test").unwrap();
-}
+mod common;
+use common::corpus;
 
 fn lm_spec(data: &Path, optimizer: &str, updates: u64) -> RunSpec {
     RunSpec {

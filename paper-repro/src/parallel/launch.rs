@@ -1,10 +1,12 @@
 //! `paper-repro launch --processes N SPEC --out DIR`: one command that starts N processes of
-//! this program under `mpirun`, each training one rank of the spec's run.
+//! this program, each training one rank of the spec's run: under `mpirun` (`--backend mpi`, CPU)
+//! or started here, one per GPU (`--backend nccl`).
 //!
 //! Everything that can be known before the processes start is checked here, with one error:
-//! the spec (its `ranks` must be N, its device the CPU), this build's MPI support, `mpirun` on
-//! the PATH. Each process gets `RAYON_NUM_THREADS` = cores / N (unless the caller set it), so the
-//! N processes share the machine's cores instead of each taking all of them.
+//! the spec (its `ranks` must be N, its device the backend's), this build's support for the
+//! backend, `mpirun` on the PATH. Under MPI each process gets `RAYON_NUM_THREADS` = cores / N
+//! (unless the caller set it), so the N processes share the machine's cores instead of each
+//! taking all of them.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -56,14 +58,20 @@ fn mpirun() -> Result<PathBuf> {
 /// the program `exe`.
 pub fn command(exe: &Path, spec_file: &Path, out: &Path, processes: u64, opts: &LaunchOptions) -> Result<Command> {
     let mut cmd = mpirun_command(processes)?;
-    cmd.arg(exe).arg("train").arg(spec_file).arg("--out").arg(out).args(["--data-parallel", "mpi"]);
+    cmd.arg(exe);
+    add_train_args(&mut cmd, spec_file, out, Backend::Mpi, opts);
+    Ok(cmd)
+}
+
+/// Every process's `train SPEC --out DIR --data-parallel BACKEND [--resume] [--pause-after N]`.
+fn add_train_args(cmd: &mut Command, spec_file: &Path, out: &Path, backend: Backend, opts: &LaunchOptions) {
+    cmd.arg("train").arg(spec_file).arg("--out").arg(out).args(["--data-parallel", backend.name()]);
     if opts.resume {
         cmd.arg("--resume");
     }
     if let Some(n) = opts.pause_after {
         cmd.args(["--pause-after", &n.to_string()]);
     }
-    Ok(cmd)
 }
 
 /// `mpirun` starting `processes` processes (the program and its arguments to be added).
@@ -158,13 +166,7 @@ fn run_gpu_processes(
     let mut commands = Vec::new();
     for rank in 0..processes {
         let mut cmd = Command::new(exe);
-        cmd.arg("train").arg(spec_file).arg("--out").arg(out).args(["--data-parallel", "nccl"]);
-        if opts.resume {
-            cmd.arg("--resume");
-        }
-        if let Some(n) = opts.pause_after {
-            cmd.args(["--pause-after", &n.to_string()]);
-        }
+        add_train_args(&mut cmd, spec_file, out, Backend::Nccl, opts);
         cmd.env("MADA_NCCL_RANK", rank.to_string())
             .env("MADA_NCCL_WORLD", processes.to_string())
             .env("MADA_NCCL_JOB", &job)

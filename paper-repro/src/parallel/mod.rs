@@ -83,13 +83,26 @@ pub trait Collective {
     /// The ranks of a world of `world` ranks this process computes, in order (a contiguous
     /// share; `world` is a multiple of the processes, checked at start).
     fn ranks_here(&self, world: u64) -> Range<u64> {
-        let share = world / self.processes().max(1);
-        self.process() * share..(self.process() + 1) * share
+        share(self.process(), self.processes(), world)
     }
     /// Whether this process writes the run folder (it computes rank 0).
     fn writes(&self) -> bool {
         self.process() == 0
     }
+}
+
+/// The ranks of a world of `world` that process `process` of `processes` computes: a contiguous
+/// share, in order.
+pub fn share(process: u64, processes: u64, world: u64) -> Range<u64> {
+    let each = world / processes.max(1);
+    process * each..(process + 1) * each
+}
+
+/// Whether every process of a data-parallel run finds this error alike: a divergence (found on
+/// the summed values) or disagreeing parameters. Rank 0 reports it and writes failed.json; the
+/// others end quietly with the same exit code. Any other error is one process's own.
+pub fn is_shared_failure(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<crate::run::Diverged>().is_some() || e.downcast_ref::<RanksDisagree>().is_some()
 }
 
 /// Every rank in this process: nothing to sum.
@@ -166,35 +179,11 @@ mod tests {
 
     #[test]
     fn a_process_computes_its_contiguous_share_of_the_ranks() {
-        struct Of(u64, u64);
-        impl Collective for Of {
-            fn process(&self) -> u64 {
-                self.0
-            }
-            fn processes(&self) -> u64 {
-                self.1
-            }
-            fn backend(&self) -> Backend {
-                Backend::Mpi
-            }
-            fn sum_f32(&self, _: &mut [f32]) -> Result<()> {
-                Ok(())
-            }
-            fn sum_f64(&self, _: &mut [f64]) -> Result<()> {
-                Ok(())
-            }
-            fn agree(&self, _: u64) -> Result<bool> {
-                Ok(true)
-            }
-            fn barrier(&self) -> Result<()> {
-                Ok(())
-            }
-        }
         assert_eq!(SingleProcess.ranks_here(8), 0..8);
-        assert_eq!(Of(0, 2).ranks_here(2), 0..1);
-        assert_eq!(Of(1, 2).ranks_here(2), 1..2);
-        assert_eq!(Of(1, 2).ranks_here(8), 4..8);
-        assert!(Of(0, 2).writes() && !Of(1, 2).writes());
+        assert_eq!(share(0, 2, 2), 0..1);
+        assert_eq!(share(1, 2, 2), 1..2);
+        assert_eq!(share(1, 2, 8), 4..8);
+        assert!(SingleProcess.writes());
     }
 
     #[test]

@@ -18,7 +18,7 @@ use mada::Optimizer;
 
 use outputs::{remove_stale_temporaries, write_atomically, FolderLock};
 
-use crate::parallel::{Collective, RanksDisagree, SingleProcess};
+use crate::parallel::{is_shared_failure, Collective, SingleProcess};
 use crate::run::checkpoint::{self, LoopState, SaveStep};
 use crate::run::log::Failure;
 use crate::run::log::{
@@ -143,10 +143,10 @@ pub fn train_with(
             let why = Failure { spec_id: id.clone(), error: format!("{e:#}"), diverged_at: diverged };
             let _ = write_atomically(&run.failed(), serde_json::to_string_pretty(&why)?.as_bytes());
         }
-        // An error every process finds alike (on summed values or identical parameters): the
-        // others wait until failed.json is written before they exit. Any other error is this
-        // process's alone, and ends the job (the caller aborts it).
-        if diverged.is_some() || e.downcast_ref::<RanksDisagree>().is_some() {
+        // An error every process finds alike: the others wait until failed.json is written
+        // before they exit. Any other error is this process's alone, and ends the job (the
+        // caller aborts it).
+        if is_shared_failure(e) {
             trainer.collective().barrier()?;
         }
     }

@@ -208,7 +208,6 @@ impl Trainer {
         let (hyper_at, items_at) = (ga as usize, ga as usize + 6 * world as usize);
         let mut shared = vec![0f64; items_at + 2];
         let mut batches = Vec::new();
-        let mut non_finite = false;
         'ranks: for rank in self.collective.ranks_here(world) {
             let mut rank_acc: Option<GradStore> = None;
             for local in 0..per_rank {
@@ -219,7 +218,6 @@ impl Trainer {
                 shared[(rank * per_rank + local) as usize] = value / ga as f64;
                 if !value.is_finite() {
                     // Reported after the sums, by every process (see below).
-                    non_finite = true;
                     break 'ranks;
                 }
                 shared[items_at] += n as f64;
@@ -267,7 +265,6 @@ impl Trainer {
                 ),
             });
         }
-        debug_assert!(!non_finite);
         let loss_total = shared[..ga as usize].iter().fold(0.0, |a, l| a + l);
         let hyper_sum = (shared[items_at + 1] > 0.0).then(|| {
             let mut sum = [0f64; 6];
