@@ -26,6 +26,9 @@ use crate::problems::Kind;
 pub struct LemmaCase {
     pub description: String,
     pub left: f64,
+    /// A bound on the rounding error of `left` (a few ulps of the magnitudes it is the
+    /// difference of): near a minimum the left side is a difference of nearly equal numbers.
+    pub rounding: f64,
     pub terms: Vec<Term>,
 }
 
@@ -37,6 +40,20 @@ impl LemmaCase {
     pub fn tightness(&self) -> f64 {
         self.left / self.right()
     }
+    /// left/value with left's rounding error counted in the value's favour: above 1 only if
+    /// left exceeds `value` whatever the rounding.
+    fn sure_ratio(&self, value: f64) -> f64 {
+        (self.left - self.rounding) / value
+    }
+    /// The lemma is violated beyond rounding.
+    fn violated(&self) -> bool {
+        self.sure_ratio(self.right()) > 1.0 + 1e-9
+    }
+}
+
+/// Rounding allowance for a left side computed from terms of these magnitudes.
+fn ulps(magnitudes: &[f64]) -> f64 {
+    8.0 * f64::EPSILON * magnitudes.iter().map(|m| m.abs()).sum::<f64>()
 }
 
 /// Lemma A for one coordinate: values `gs` with probabilities `ps`.
@@ -54,6 +71,7 @@ pub fn lemma_a(gs: &[f64], ps: &[f64], p: f64, c: f64, eps: f64, r: f64) -> Lemm
     LemmaCase {
         description: format!("G ∈ {gs:?} w.p. {ps:?}, P = {p:.3e}, c = {c:.3}, ε = {eps:.1e}, R = {r:.3}"),
         left: g * g / root - e_gu,
+        rounding: ulps(&[g * g / root, e_gu]),
         terms: vec![
             Term::new("g²/(2√(ε + D̃))", g * g / (2.0 * root), 0.0, 1.0),
             Term::new("2√c·R·E[U²]", 2.0 * c.sqrt() * r * e_u2, 0.0, 1.0),
@@ -166,7 +184,8 @@ pub fn descent_trajectory(
         }
         let w = descent_weight(&k, s, n);
         let a = s.step(n);
-        let left = ef - f0 + s.alpha / (2.0 * k.r) * grad.iter().map(|g| g * g).sum::<f64>();
+        let progress = s.alpha / (2.0 * k.r) * grad.iter().map(|g| g * g).sum::<f64>();
+        let left = ef - f0 + progress;
         let case = LemmaCase {
             description: format!(
                 "{} σ={sigma:.3e} {} step {n}",
@@ -174,6 +193,7 @@ pub fn descent_trajectory(
                 serde_json::to_string(s).unwrap_or_default()
             ),
             left,
+            rounding: ulps(&[ef, f0, progress]),
             terms: vec![
                 Term::new("2√c_n·R·α_n·E‖U_n‖²", 2.0 * s.c(n).sqrt() * k.r * a * eu2, 0.0, 1.0),
                 Term::new("Lα_n²/2·E‖U_n‖²", k.l * a * a / 2.0 * eu2, 0.0, 1.0),
@@ -298,7 +318,7 @@ fn search<P: Clone>(
         let Some(case) = eval(&p) else { return false };
         let o = objective(&case);
         let better = o.is_finite() && best.as_ref().is_none_or(|b| o > b.0);
-        if case.tightness() > 1.0 + 1e-9 {
+        if case.violated() {
             seen.push(case.clone());
         }
         if better {
@@ -353,12 +373,14 @@ fn check<P: Clone + Sync>(
             let mut rng = StdRng::seed_from_u64(settings.seed ^ (t as u64) << 16);
             let objective = |c: &LemmaCase| match m {
                 None => c.tightness(),
-                Some(m) => c.left / m.value(&c.terms),
+                // A mutant is detected only by a case the lemma itself holds on.
+                Some(_) if c.violated() => f64::NEG_INFINITY,
+                Some(m) => c.sure_ratio(m.value(&c.terms)),
             };
             search(&seeds, settings.evaluations, &mut rng, eval, &objective, &|p, r, s| perturb(p, r, s))
         })
         .collect();
-    let mut violations: Vec<LemmaCase> = random.iter().filter(|c| c.tightness() > 1.0 + 1e-9).cloned().collect();
+    let mut violations: Vec<LemmaCase> = random.iter().filter(|c| c.violated()).cloned().collect();
     let mut cases = random.len();
     let (mut worst, mut undetected, mut detected) = (None, Vec::new(), 0);
     for (t, Searched { evaluated, violations: seen, best }) in results.into_iter().enumerate() {
@@ -469,6 +491,28 @@ mod tests {
             let p = LemmaAParams::random(&mut rng);
             assert!(p.case().tightness() <= 1.0 + 1e-9, "{:?}", p.case());
         }
+    }
+
+    #[test]
+    fn a_descent_step_next_to_the_minimum_is_not_a_violation_by_rounding() {
+        // A Huber trajectory that has converged: every quantity of the step is ~1e-17, where
+        // the old direct formula made F(x_n) − F(x_{n−1}) pure rounding (left/right 1.8 was
+        // reported as a violation). The step's rounding allowance and exact F keep it a pass.
+        let s = NonconvexSettings {
+            variant: Variant::Interp { rho: 0.001 },
+            alpha: 0.0645,
+            beta1: 0.0,
+            beta2: 0.94,
+            eps: 3.5e-8,
+            steps: 400,
+        };
+        let mut worst = f64::NEG_INFINITY;
+        for seed in 0..20 {
+            let case = descent_trajectory(Kind::Huber, seed, 0.0, &s, seed).expect("a trajectory");
+            assert!(!case.violated(), "seed {seed}: {}: {}", case.tightness(), case.description);
+            worst = worst.max(case.tightness());
+        }
+        assert!(worst > 0.0);
     }
 
     #[test]

@@ -462,7 +462,12 @@ impl Objective for Huber {
     fn value(&self, x: &[f64]) -> f64 {
         x.iter()
             .zip(&self.center)
-            .map(|(x, c)| self.g * (((x - c).powi(2) + self.delta.powi(2)).sqrt() - self.delta))
+            .map(|(x, c)| {
+                // √(e² + δ²) − δ written as e²/(√(e² + δ²) + δ): no cancellation near the
+                // minimum, where the lemma checks difference F values of order 1e-17.
+                let e2 = (x - c).powi(2);
+                self.g * e2 / ((e2 + self.delta * self.delta).sqrt() + self.delta)
+            })
             .sum()
     }
     fn grad(&self, x: &[f64]) -> Vec<f64> {
@@ -555,6 +560,25 @@ mod tests {
 
     /// Finite-difference check of every gradient, and of the stated constants on random
     /// points of the region.
+    #[test]
+    fn the_pseudo_huber_value_keeps_its_precision_next_to_the_minimum() {
+        // √(e² + δ²) − δ computed directly rounds to 0 for e = 1e-10, δ = 0.07 (e² is below δ²'s
+        // ulp); the lemma checks difference such values, so they must keep full precision.
+        let h = Huber { g: 1.6, delta: 0.07, center: vec![0.25], start: vec![0.0] };
+        for e in [1e-10f64, 3e-7, 1e-3, 0.5, 40.0] {
+            // The offset the function sees, after x = c + e rounds.
+            let x = 0.25 + e;
+            let e = x - 0.25;
+            // g·(√(e² + δ²) − δ) to first order in e²/δ², with its next term.
+            let want = 1.6 * (e * e / (2.0 * 0.07) - e.powi(4) / (8.0 * 0.07f64.powi(3)));
+            let got = h.value(&[x]);
+            if e < 1e-3 {
+                assert!((got - want).abs() <= 1e-12 * want, "e = {e}: {got} vs {want}");
+            }
+            assert!(got > 0.0, "e = {e}: {got}");
+        }
+    }
+
     #[test]
     fn gradients_and_constants_hold_on_random_points() {
         for kind in Kind::ALL {

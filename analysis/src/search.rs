@@ -116,6 +116,13 @@ fn log_step(rng: &mut StdRng, x: f64, scale: f64, lo: f64, hi: f64) -> f64 {
     (x.ln() + z).exp().clamp(lo, hi)
 }
 
+/// A step in log-odds: moves a probability-like parameter (β2) as freely near 0 as near 1.
+fn logit_step(rng: &mut StdRng, x: f64, scale: f64, lo: f64, hi: f64) -> f64 {
+    let z: f64 = rng.random_range(-1.0..1.0) * scale;
+    let logit = (x / (1.0 - x)).ln() + z;
+    (1.0 / (1.0 + (-logit).exp())).clamp(lo, hi)
+}
+
 /// A neighbour of `s` that the bound still covers (None if none was found).
 fn perturb_nonconvex(
     c: &NonconvexCase,
@@ -178,7 +185,8 @@ fn perturb_regret(
         let mut n = c.clone();
         let s = &mut n.settings;
         s.alpha = log_step(rng, s.alpha, scale, 1e-4, 10.0);
-        s.beta2 = 1.0 - log_step(rng, 1.0 - s.beta2, scale, 1e-5, 0.9);
+        // β2 near 0 matters too: AMSGrad's g-term is tightest when v_t ≈ g_t² (THEORY.md, "Loose by construction").
+        s.beta2 = logit_step(rng, s.beta2, scale, 1e-8, 1.0 - 1e-5);
         s.beta1 = (s.beta1 + rng.random_range(-0.2..0.2) * scale).clamp(0.0, 0.95);
         if s.lambda < 1.0 {
             s.lambda = 1.0 - log_step(rng, 1.0 - s.lambda, scale, 1e-5, 0.5);
@@ -233,11 +241,16 @@ fn pressing_starts(bound: &Bound, size: &Size, settings: &SearchSettings, rng: &
     let mut out = Vec::new();
     match &bound.form {
         Form::Regret { covers, .. } => {
-            for (alpha, beta2) in [(1.0, 0.5), (2.0, 0.2), (3.0, 0.1), (1.5, 0.9)] {
+            // Long horizons (the mean's bound is tightest there) and short ones with β2 → 0 (the
+            // max's √(1 + ln T) factor is smallest there, and v̂_t ≈ g_t²).
+            let long = 4 * settings.max_steps;
+            for (alpha, beta2, steps) in
+                [(1.0, 0.5, long), (2.0, 0.2, long), (3.0, 0.1, long), (1.5, 0.9, long), (5.0, 1e-4, 300.min(long))]
+            {
                 let Some(mut c) = regret_case(bound, rng.random(), size) else { continue };
                 c.problem = OnlineProblem::SignAdversary { g: 1.0, center: vec![rng.random_range(-0.1..0.1)] };
                 c.settings = RegretSettings { alpha, beta1: 0.0, lambda: 1.0, beta2, ..c.settings };
-                c.steps = 4 * settings.max_steps;
+                c.steps = steps;
                 if covers(&c.settings) {
                     out.push(Case::Regret(c));
                 }
@@ -358,12 +371,17 @@ pub fn run(
     for (b, bound) in bounds.iter().enumerate() {
         // The regression set, checked again by the full rule.
         let old: Vec<&Kept> = regression.iter().filter(|k| k.bound == bound.id).collect();
+        // Candidates for the new regression set: the old entries, re-checked, and what this
+        // run's search finds.
+        let mut candidates: Vec<(Target, Case, Row)> = Vec::new();
         for (k, entry) in old.iter().enumerate() {
             if let Some(mut row) = evaluate(bound, &entry.case, 100_000 + k, size.seeds) {
                 row.note = format!("regression set ({})", target_label(&entry.target));
-                rows.push(row);
+                rows.push(row.clone());
+                candidates.push((entry.target.clone(), entry.case.clone(), row));
             }
         }
+        let from_regression = candidates.len();
         // Start points: the regression set, the random instances by tightness, fresh pressing draws.
         let mut starts: Vec<Case> = old.iter().map(|k| k.case.clone()).collect();
         let mut mine: Vec<&Row> =
@@ -381,9 +399,11 @@ pub fn run(
         let Some(terms) = mine.first().and_then(|r| r.data.as_ref()).map(|d| d.terms().to_vec()) else { continue };
         // Per term, the ×0.5 and the dropped mutant: the others of the term (×0.1, faster rate,
         // log dropped) take away between those two, so their witnesses are searched with them.
-        let mutants: Vec<Mutant> = mutants_of(&bound.id, &terms)
-            .into_iter()
+        let every_mutant = mutants_of(&bound.id, &terms);
+        let mutants: Vec<Mutant> = every_mutant
+            .iter()
             .filter(|m| matches!(m.change, Change::Scale(f) if f == 0.5) || m.change == Change::Drop)
+            .cloned()
             .collect();
         let targets: Vec<Option<&Mutant>> = std::iter::once(None).chain(mutants.iter().map(Some)).collect();
         let found: Vec<Found> = targets
@@ -393,25 +413,36 @@ pub fn run(
                 search_target(bound, *m, &starts, size, settings, settings.seed ^ ((b as u64) << 32) ^ t as u64)
             })
             .collect();
-        let mut best_bound = f64::NEG_INFINITY;
         for f in found {
             if let Some(mut v) = f.violation {
                 v.instance = 200_000 + rows.len();
                 v.note = format!("found by the search ({})", target_label(&f.target));
                 rows.push(v);
             }
-            let Some((_, case, mut row)) = f.best else { continue };
-            let s = score(&row, mutant_of(&f.target, &mutants));
-            if f.target == Target::Bound {
-                best_bound = best_bound.max(row.tightness);
+            if let Some((_, case, row)) = f.best {
+                candidates.push((f.target, case, row));
             }
-            // Keep a mutant's instance only if it shows something: the mutant violated there.
-            let keep = f.target == Target::Bound || s > 1.0;
-            if keep {
+        }
+        // The new regression set: the bound's worst case, and for every mutant some instance
+        // detects, the instance that presses it hardest — old or new, one entry each.
+        let chosen = covering_set(&candidates, &every_mutant);
+        let best_bound = candidates
+            .iter()
+            .filter(|(_, _, row)| row.status == Status::Pass)
+            .map(|(_, _, row)| row.tightness)
+            .fold(f64::NEG_INFINITY, f64::max);
+        for (i, (target, case, row)) in candidates.into_iter().enumerate() {
+            let new = i >= from_regression;
+            // This run's finds join the instances when they are kept, or when they are the
+            // bound's own search result.
+            if new && (chosen.contains(&i) || target == Target::Bound) {
+                let mut row = row.clone();
                 row.instance = 300_000 + rows.len();
-                row.note = format!("found by the search ({})", target_label(&f.target));
-                kept.push(Kept { bound: bound.id.clone(), target: f.target, tightness: row.tightness, case });
+                row.note = format!("found by the search ({})", target_label(&target));
                 rows.push(row);
+            }
+            if chosen.contains(&i) {
+                kept.push(Kept { bound: bound.id.clone(), target, tightness: row.tightness, case });
             }
         }
         worst.push((bound.id.clone(), best_bound));
@@ -419,16 +450,101 @@ pub fn run(
     SearchOutcome { rows, kept, worst }
 }
 
-fn mutant_of<'a>(t: &Target, mutants: &'a [Mutant]) -> Option<&'a Mutant> {
-    match t {
-        Target::Bound => None,
-        Target::Mutant(d) => mutants.iter().find(|m| m.describe() == *d),
+/// Indices of a small regression set among `candidates`: the largest empirical/bound, and for
+/// each mutant that some candidate detects, the candidate with the largest empirical/mutant
+/// among those detecting it.
+fn covering_set(candidates: &[(Target, Case, Row)], mutants: &[Mutant]) -> Vec<usize> {
+    let passed = |row: &Row| row.status == Status::Pass && row.data.is_some();
+    let mut chosen = Vec::new();
+    let worst = candidates
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, _, r))| passed(r))
+        .max_by(|a, b| a.1 .2.tightness.total_cmp(&b.1 .2.tightness));
+    chosen.extend(worst.map(|(i, _)| i));
+    for m in mutants {
+        let witness = candidates
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, _, r))| passed(r))
+            .filter_map(|(i, (_, _, r))| {
+                let data = r.data.as_ref()?;
+                let detected = matches!(data.status(&|t| m.value(t)), Status::Violation | Status::Unresolved);
+                let (emp, value) = data.means(&|t| m.value(t));
+                detected.then_some((i, emp / value))
+            })
+            .max_by(|a, b| a.1.total_cmp(&b.1));
+        if let Some((i, _)) = witness {
+            if !chosen.contains(&i) {
+                chosen.push(i);
+            }
+        }
     }
+    chosen
 }
 
 fn target_label(t: &Target) -> String {
     match t {
         Target::Bound => "worst case of the bound".into(),
         Target::Mutant(m) => format!("witness for mutant {m}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checks::InstanceData;
+    use crate::frameworks::SecondMoment;
+
+    fn candidate(regret: f64, big: f64, small: f64) -> (Target, Case, Row) {
+        let terms = vec![Term::new("big", big, 0.0, 1.0), Term::new("small", small, 0.0, 1.0)];
+        let bound_value = total(&terms);
+        let row = Row {
+            bound: "b".into(),
+            instance: 0,
+            seed: 0,
+            problem: String::new(),
+            settings: String::new(),
+            seeds: 1,
+            empirical: regret,
+            empirical_ucb: regret,
+            bound_value,
+            tightness: regret / bound_value,
+            status: if regret <= bound_value { Status::Pass } else { Status::Violation },
+            note: String::new(),
+            data: Some(InstanceData::Regret { regret, terms }),
+        };
+        let case = Case::Regret(RegretCase {
+            problem: OnlineProblem::SignAdversary { g: 1.0, center: vec![0.0] },
+            settings: RegretSettings { second: SecondMoment::Mean, alpha: 1.0, beta1: 0.0, lambda: 1.0, beta2: 0.5 },
+            steps: 10,
+        });
+        (Target::Bound, case, row)
+    }
+
+    #[test]
+    fn the_regression_set_keeps_the_worst_case_and_one_witness_per_detected_mutant() {
+        let mutants = mutants_of("b", &[Term::new("big", 1.0, 0.0, 1.0), Term::new("small", 1.0, 0.0, 1.0)]);
+        let candidates = vec![
+            candidate(0.50, 0.9, 0.1), // 0: detects "big ×0.5" (0.45 + 0.1 < 0.5), tightness 0.5
+            candidate(0.52, 0.9, 0.1), // 1: the same mutants, pressed harder: supersedes 0
+            candidate(0.60, 0.5, 0.5), // 2: the worst case (0.6); detects "small dropped" too
+            candidate(0.10, 0.5, 0.5), // 3: shows nothing
+            candidate(2.00, 0.5, 0.5), // 4: a real violation: never kept as a witness
+        ];
+        let chosen = covering_set(&candidates, &mutants);
+        assert_eq!(chosen[0], 2, "the bound's worst passing case comes first");
+        assert!(chosen.contains(&1));
+        assert!(!chosen.contains(&0) && !chosen.contains(&3) && !chosen.contains(&4), "{chosen:?}");
+        // Every mutant some passing candidate detects keeps a witness.
+        for m in &mutants {
+            let detected_by = |c: &(Target, Case, Row)| {
+                let data = c.2.data.as_ref().unwrap();
+                c.2.status == Status::Pass && data.status(&|t| m.value(t)) != Status::Pass
+            };
+            if candidates.iter().any(detected_by) {
+                assert!(chosen.iter().any(|&i| detected_by(&candidates[i])), "{}", m.describe());
+            }
+        }
     }
 }

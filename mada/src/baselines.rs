@@ -101,6 +101,7 @@ impl<T: Float> Sgd<T> {
         &self.config
     }
 
+    #[cfg(feature = "candle")]
     pub(crate) fn states_mut(&mut self) -> &mut TensorStates<Buffers<T, 1>> {
         &mut self.states
     }
@@ -308,6 +309,7 @@ macro_rules! adam_like {
                 &self.config
             }
 
+            #[cfg(feature = "candle")]
             pub(crate) fn states_mut(&mut self) -> &mut TensorStates<Buffers<T, $n>> {
                 &mut self.states
             }
@@ -379,6 +381,7 @@ impl<T: Float> Yogi<T> {
         &self.config
     }
 
+    #[cfg(feature = "candle")]
     pub(crate) fn states_mut(&mut self) -> &mut TensorStates<Buffers<T, 2>> {
         &mut self.states
     }
@@ -470,6 +473,7 @@ impl<T: Float> Adan<T> {
         &self.config
     }
 
+    #[cfg(feature = "candle")]
     pub(crate) fn states_mut(&mut self) -> &mut TensorStates<Buffers<T, 4>> {
         &mut self.states
     }
@@ -579,6 +583,7 @@ impl<T: Float> Lion<T> {
         &self.config
     }
 
+    #[cfg(feature = "candle")]
     pub(crate) fn states_mut(&mut self) -> &mut TensorStates<Buffers<T, 1>> {
         &mut self.states
     }

@@ -551,16 +551,19 @@ impl<T: Float> Mada<T> {
     }
 
     /// The per-tensor states (the device path moves them out and back).
+    #[cfg(feature = "candle")]
     pub(crate) fn states_mut(&mut self) -> &mut TensorStates<MadaTensorState<T>> {
         &mut self.states
     }
 
     /// Whether the hyper-step is taken (or monitored) before the update after `done` updates.
+    #[cfg(feature = "candle")]
     pub(crate) fn hyper_active_after(&self, done: u64) -> bool {
         self.hyper.config().monitor || self.hyper.active_at(done)
     }
 
     /// Record the hyper-gradient the device path computed.
+    #[cfg(feature = "candle")]
     pub(crate) fn set_last_hypergradient(&mut self, h: Option<[f64; 6]>) {
         self.last_hypergradient = h;
     }

@@ -107,11 +107,13 @@ impl<S: TensorState> TensorStates<S> {
     }
 
     /// Remove and return the state of tensor `index` (a device-resident copy replaces it).
+    #[cfg(feature = "candle")]
     pub(crate) fn take(&mut self, index: usize) -> Option<S> {
         self.states.get_mut(index).and_then(Option::take)
     }
 
     /// Put back the state of tensor `index`.
+    #[cfg(feature = "candle")]
     pub(crate) fn put(&mut self, index: usize, state: S) {
         if self.states.len() <= index {
             self.states.resize_with(index + 1, || None);
