@@ -71,9 +71,14 @@ data:
     {{repro}} data --raw "$raw"
 
 # Run a tier's unfinished experiments (smoke, cpu, paper), then its tables, figures and report.
+# `--data-parallel mpi` trains the runs of several ranks as MPI processes (builds with mpi).
 reproduce tier="cpu" *args="":
+    #!/usr/bin/env bash
+    set -euo pipefail
     if [ "{{tier}}" != "smoke" ]; then just data; fi
-    {{repro}} reproduce {{tier}} {{args}}
+    features=()
+    case " {{args}} " in *" --data-parallel mpi "*|*" --data-parallel=mpi "*) features=(--features mpi) ;; esac
+    cargo run --release -q -p paper-repro "${features[@]}" -- reproduce {{tier}} {{args}}
 
 # List the runs a tier plans and what each folder holds, without running anything.
 plan tier="cpu" *args="":

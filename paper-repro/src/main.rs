@@ -131,8 +131,14 @@ enum Command {
         out: PathBuf,
         #[arg(long)]
         resume: bool,
+        /// Resume if the folder holds a checkpoint of this spec, else start.
+        #[arg(long, conflicts_with = "resume")]
+        auto: bool,
         #[arg(long)]
         pause_after: Option<u64>,
+        /// Print `progress UPDATE …` lines instead of drawing a bar (for a parent process).
+        #[arg(long)]
+        progress_lines: bool,
     },
     /// Throughput of a training step (baby GPT, CNN, ResNet) with Adam and MADA.
     Bench {
@@ -157,6 +163,11 @@ enum Command {
         /// Worker processes for the training runs (default: the cores, for CPU tiers; 1 on GPUs).
         #[arg(long)]
         jobs: Option<usize>,
+        /// Train every run of ranks = N > 1 as N processes of this backend (`paper-repro
+        /// launch`: mpi on CPUs, nccl one process per GPU), one run at a time; its folder and
+        /// results are those of the one-process emulation, the default.
+        #[arg(long, value_enum)]
+        data_parallel: Option<Backend>,
         #[command(flatten)]
         at: Where,
     },
@@ -396,7 +407,7 @@ fn run(cli: Cli) -> Result<()> {
             let flags = TrainFlags { resume, auto, pause_after, dump_batches: dump_batches.as_deref(), progress_lines };
             train_command(&spec, &out, &flags, data_parallel)
         }
-        Command::Launch { processes, backend, spec: file, out, resume, pause_after } => {
+        Command::Launch { processes, backend, spec: file, out, resume, auto, pause_after, progress_lines } => {
             if file == Path::new("-") {
                 anyhow::bail!("launch reads the spec from a file (every process reads it), not standard input");
             }
@@ -407,7 +418,7 @@ fn run(cli: Cli) -> Result<()> {
                 &out,
                 processes,
                 backend,
-                &LaunchOptions { resume, pause_after },
+                &LaunchOptions { resume, auto, pause_after, progress_lines },
             )
         }
         Command::Bench { steps } => {
@@ -439,14 +450,14 @@ fn run(cli: Cli) -> Result<()> {
                 )
             }
         }
-        Command::Reproduce { tier, only, jobs, at } => {
+        Command::Reproduce { tier, only, jobs, data_parallel, at } => {
             let paths = at.paths();
             let devices: Vec<_> = paper_repro::catalog::load(&paths.experiments)?
                 .iter()
                 .map(|e| e.devices(tier, &paths.runs))
                 .collect::<Result<Vec<_>>>()?
                 .concat();
-            let opts = Options { only, jobs: jobs.unwrap_or_else(|| default_jobs(&devices)), exe: None };
+            let opts = Options { only, jobs: jobs.unwrap_or_else(|| default_jobs(&devices)), exe: None, data_parallel };
             let o = reproduce(&paths, tier, &opts)?;
             println!(
                 "reproduce {tier}: {}/{} runs finished{}; report: {}",

@@ -23,6 +23,7 @@ use outputs::FolderLock;
 
 use crate::catalog::{self, Experiment, Kind, PlannedRun, Tier};
 use crate::data::embedded::ensure_embedded_data;
+use crate::parallel::{launch, Backend};
 use crate::paths::Paths;
 use crate::results::report;
 use crate::run::spec::{DeviceKind, Task};
@@ -62,11 +63,14 @@ pub struct Options {
     pub jobs: usize,
     /// The `paper-repro` binary the workers run (default: this executable).
     pub exe: Option<PathBuf>,
+    /// Train the runs of ranks = N > 1 as N processes of this backend (`paper-repro launch`),
+    /// one run at a time; None: every rank in one process (the same results).
+    pub data_parallel: Option<Backend>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { only: None, jobs: 1, exe: None }
+        Self { only: None, jobs: 1, exe: None, data_parallel: None }
     }
 }
 
@@ -97,6 +101,17 @@ pub fn reproduce(paths: &Paths, tier: Tier, opts: &Options) -> Result<Outcome> {
     for d in &devices {
         device(*d).with_context(|| format!("tier {tier} needs the device \"{}\"", d.name()))?;
     }
+    let data_parallel = opts.data_parallel.filter(|b| *b != Backend::SingleProcess);
+    if let Some(backend) = data_parallel {
+        let ranked: Vec<&PlannedRun> = plans.iter().flat_map(|(_, p)| p).filter(|r| r.spec.ranks > 1).collect();
+        if !ranked.is_empty() {
+            launch::preflight(backend)?;
+        }
+        for r in ranked {
+            launch::check_spec(&r.spec, r.spec.ranks, backend)
+                .with_context(|| format!("{} (--data-parallel {})", r.dir.display(), backend.name()))?;
+        }
+    }
     ensure_embedded_data()?;
     std::fs::create_dir_all(&paths.runs).with_context(|| format!("cannot create {}", paths.runs.display()))?;
     let _lock = FolderLock::acquire(&paths.runs, "runs root")?;
@@ -110,16 +125,20 @@ pub fn reproduce(paths: &Paths, tier: Tier, opts: &Options) -> Result<Outcome> {
     if !std::io::stderr().is_terminal() {
         multi.set_draw_target(ProgressDrawTarget::hidden());
     }
-    let Tally { finished: runs_finished, diverged: runs_diverged, mut failures } = if opts.jobs <= 1 {
-        train_here(&runs, &multi)
-    } else {
-        let exe = match &opts.exe {
-            Some(e) => e.clone(),
-            None => std::env::current_exe().context("cannot find this executable to start workers")?,
+    let Tally { finished: runs_finished, diverged: runs_diverged, mut failures } =
+        if opts.jobs <= 1 && data_parallel.is_none() {
+            train_here(&runs, &multi)
+        } else {
+            let exe = match &opts.exe {
+                Some(e) => e.clone(),
+                None => std::env::current_exe().context("cannot find this executable to start workers")?,
+            };
+            // A data-parallel run takes the whole machine (its processes, or every GPU): one
+            // run at a time.
+            let jobs = if data_parallel.is_some() { 1 } else { opts.jobs };
+            let threads = (std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) / jobs).max(1);
+            train_in_workers(&runs, &exe, jobs, threads, data_parallel, &multi)?
         };
-        let threads = (std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) / opts.jobs).max(1);
-        train_in_workers(&runs, &exe, opts.jobs, threads, &multi)?
-    };
     for (e, _) in &plans {
         let Some(t) = e.tiers.get(&tier) else { continue };
         let failed = |err: anyhow::Error| format!("{}: {err:#}", e.artifact);
@@ -220,23 +239,63 @@ struct Worker {
     child: Child,
     bar: ProgressBar,
     stderr: Arc<Mutex<String>>,
+    /// The spec file a data-parallel launch's processes read, removed when the worker ends.
+    spec_file: Option<PathBuf>,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Some(f) = &self.spec_file {
+            let _ = std::fs::remove_file(f);
+        }
+    }
 }
 
 /// Start `paper-repro train - --out DIR --auto --progress-lines` for one run (its spec on
-/// stdin), its progress lines feeding the run's bar.
-fn start_worker(exe: &Path, run: &PlannedRun, index: usize, threads: usize, multi: &MultiProgress) -> Result<Worker> {
-    let mut child = Command::new(exe)
-        .args(["train", "-", "--out"])
-        .arg(&run.dir)
+/// stdin), its progress lines feeding the run's bar. With a data-parallel backend, a run of
+/// ranks = N > 1 starts as `paper-repro launch --processes N --backend B SPEC --out DIR --auto
+/// --progress-lines` instead (every process reads the spec from a file), the N processes
+/// sharing the worker's threads.
+fn start_worker(
+    exe: &Path,
+    run: &PlannedRun,
+    index: usize,
+    threads: usize,
+    data_parallel: Option<Backend>,
+    multi: &MultiProgress,
+) -> Result<Worker> {
+    let ranks = run.spec.ranks;
+    let (mut cmd, spec_file) = match data_parallel {
+        Some(backend) if ranks > 1 => {
+            let file = std::env::temp_dir().join(format!("paper-repro-launch-{}-{index}.json", std::process::id()));
+            std::fs::write(&file, serde_json::to_string(&run.spec)?)
+                .with_context(|| format!("cannot write {}", file.display()))?;
+            let mut cmd = Command::new(exe);
+            cmd.args(["launch", "--processes", &ranks.to_string(), "--backend", backend.name()])
+                .arg(&file)
+                .arg("--out")
+                .arg(&run.dir)
+                .env("RAYON_NUM_THREADS", (threads / ranks as usize).max(1).to_string());
+            (cmd, Some(file))
+        }
+        _ => {
+            let mut cmd = Command::new(exe);
+            cmd.args(["train", "-", "--out"]).arg(&run.dir).env("RAYON_NUM_THREADS", threads.to_string());
+            (cmd, None)
+        }
+    };
+    let mut child = cmd
         .args(["--auto", "--progress-lines"])
-        .env("RAYON_NUM_THREADS", threads.to_string())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("cannot start the worker {}", exe.display()))?;
-    let spec = serde_json::to_string(&run.spec)?;
-    child.stdin.take().context("worker stdin")?.write_all(spec.as_bytes())?;
+    let mut stdin = child.stdin.take().context("worker stdin")?;
+    if spec_file.is_none() {
+        stdin.write_all(serde_json::to_string(&run.spec)?.as_bytes())?;
+    }
+    drop(stdin);
     let bar = run_bar(multi, run);
     let out = child.stdout.take().context("worker stdout")?;
     let b = bar.clone();
@@ -258,7 +317,7 @@ fn start_worker(exe: &Path, run: &PlannedRun, index: usize, threads: usize, mult
         let _ = std::io::Read::read_to_string(&mut BufReader::new(err), &mut text);
         *sink.lock().expect("stderr sink") = text;
     });
-    Ok(Worker { index, child, bar, stderr })
+    Ok(Worker { index, child, bar, stderr, spec_file })
 }
 
 /// The runs over `jobs` worker processes, dependencies first.
@@ -267,6 +326,7 @@ fn train_in_workers(
     exe: &Path,
     jobs: usize,
     threads: usize,
+    data_parallel: Option<Backend>,
     multi: &MultiProgress,
 ) -> Result<Tally> {
     let mut pending: Vec<usize> = (0..runs.len()).collect();
@@ -287,7 +347,7 @@ fn train_in_workers(
                 tally.failures.push(failure(&runs[i], format!("its start {} failed", d.display())));
                 continue;
             }
-            workers.push(start_worker(exe, &runs[i], i, threads, multi)?);
+            workers.push(start_worker(exe, &runs[i], i, threads, data_parallel, multi)?);
         }
         if workers.is_empty() && !pending.is_empty() {
             bail!("the remaining runs wait for runs that are not planned (a cycle of init_from?)");

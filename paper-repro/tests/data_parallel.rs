@@ -241,4 +241,58 @@ fn what_can_be_known_before_the_processes_start_is_refused_before() {
         .unwrap();
     assert!(!o.status.success() && text(&o).contains("without --data-parallel mpi"), "{}", text(&o));
     assert!(!out.exists());
+
+    // reproduce with a backend the build lacks, or one the runs' device cannot use: refused
+    // before the runs root exists.
+    let experiments = Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments");
+    let runs = dir.path().join("runs");
+    let expected = if cfg!(feature = "nccl") { "the NCCL backend trains on GPUs" } else { "no nccl backend" };
+    let o = paper_repro(&[
+        "reproduce",
+        "smoke",
+        "--only",
+        "gpt2-124m",
+        "--data-parallel",
+        "nccl",
+        "--experiments",
+        experiments.to_str().unwrap(),
+        "--runs",
+        runs.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success() && text(&o).contains(expected), "{}", text(&o));
+    assert!(!runs.exists());
+}
+
+/// `reproduce --data-parallel mpi` trains the runs of ranks = 2 (the smoke GPT-2 runs) as two
+/// processes each, into the folders and with the results of the one-process emulation, and the
+/// report says how each was executed.
+#[test]
+fn reproduce_trains_ranked_runs_as_processes_with_the_results_of_the_emulation() {
+    let dir = tempfile::tempdir().unwrap();
+    let experiments = Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments");
+    let mut roots = Vec::new();
+    for (name, extra) in [("emulated", &[][..]), ("processes", &["--data-parallel", "mpi"][..])] {
+        let (runs, reports) = (dir.path().join(name).join("runs"), dir.path().join(name).join("reports"));
+        let mut args = vec!["reproduce", "smoke", "--only", "gpt2-124m", "--jobs", "1"];
+        args.extend_from_slice(extra);
+        args.extend(["--experiments", experiments.to_str().unwrap()]);
+        args.extend(["--runs", runs.to_str().unwrap(), "--reports", reports.to_str().unwrap()]);
+        let o = Command::new(BIN).args(&args).env("MADA_DATA", dir.path().join("data")).output().unwrap();
+        assert!(o.status.success(), "{name}: {}", text(&o));
+        roots.push((runs, reports));
+    }
+    let folders: Vec<_> = std::fs::read_dir(roots[0].0.join("gpt2-124m/smoke"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|f| !f.to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(!folders.is_empty());
+    for f in &folders {
+        let (a, b) = (roots[0].0.join("gpt2-124m/smoke").join(f), roots[1].0.join("gpt2-124m/smoke").join(f));
+        assert_same_run(&a, &b);
+        assert_eq!(execution(&a), serde_json::json!({"processes": 1, "backend": "single-process"}));
+        assert_eq!(execution(&b), serde_json::json!({"processes": 2, "backend": "mpi"}), "{}", b.display());
+    }
+    let report = std::fs::read_to_string(roots[1].1.join("smoke/REPORT.md")).unwrap();
+    assert!(report.contains(&format!("executed as {} runs of 2 ranks as 2 mpi processes", folders.len())), "{report}");
 }

@@ -22,7 +22,7 @@ fn the_smoke_tier_runs_end_to_end_and_is_idempotent() {
         reports: dir.path().join("reports"),
     };
     // Two worker processes, as `just reproduce` shares out a CPU tier.
-    let opts = Options { only: None, jobs: 2, exe: Some(env!("CARGO_BIN_EXE_paper-repro").into()) };
+    let opts = Options { jobs: 2, exe: Some(env!("CARGO_BIN_EXE_paper-repro").into()), ..Options::default() };
     let o = reproduce(&paths, Tier::Smoke, &opts).unwrap();
     assert!(o.failures.is_empty(), "{:#?}", o.failures);
     assert!(o.runs_total >= 20 && o.runs_finished == o.runs_total, "{}/{}", o.runs_finished, o.runs_total);

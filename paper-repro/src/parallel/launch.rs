@@ -21,7 +21,11 @@ use crate::run::Diverged;
 #[derive(Clone, Debug, Default)]
 pub struct LaunchOptions {
     pub resume: bool,
+    /// Resume if the folder holds a checkpoint of this spec, else start (`train --auto`).
+    pub auto: bool,
     pub pause_after: Option<u64>,
+    /// Rank 0 prints `progress UPDATE …` lines for a parent's progress bar (`reproduce`).
+    pub progress_lines: bool,
 }
 
 /// The checks a data-parallel run of `processes` processes of `backend` must pass before any
@@ -63,11 +67,18 @@ pub fn command(exe: &Path, spec_file: &Path, out: &Path, processes: u64, opts: &
     Ok(cmd)
 }
 
-/// Every process's `train SPEC --out DIR --data-parallel BACKEND [--resume] [--pause-after N]`.
+/// Every process's `train SPEC --out DIR --data-parallel BACKEND [--resume | --auto]
+/// [--pause-after N] [--progress-lines]`.
 fn add_train_args(cmd: &mut Command, spec_file: &Path, out: &Path, backend: Backend, opts: &LaunchOptions) {
     cmd.arg("train").arg(spec_file).arg("--out").arg(out).args(["--data-parallel", backend.name()]);
     if opts.resume {
         cmd.arg("--resume");
+    }
+    if opts.auto {
+        cmd.arg("--auto");
+    }
+    if opts.progress_lines {
+        cmd.arg("--progress-lines");
     }
     if let Some(n) = opts.pause_after {
         cmd.args(["--pause-after", &n.to_string()]);
@@ -98,15 +109,9 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// Run it and wait: Ok when every process finished.
-pub fn run(
-    spec: &RunSpec,
-    spec_file: &Path,
-    out: &Path,
-    processes: u64,
-    backend: Backend,
-    opts: &LaunchOptions,
-) -> Result<()> {
+/// What a launch of `backend` needs of this build and machine, whatever the spec: the
+/// backend compiled in, and `mpirun` for MPI.
+pub fn preflight(backend: Backend) -> Result<()> {
     let built = match backend {
         Backend::Mpi => cfg!(feature = "mpi"),
         Backend::Nccl => cfg!(feature = "nccl"),
@@ -119,6 +124,22 @@ pub fn run(
             backend.name()
         );
     }
+    if backend == Backend::Mpi {
+        mpirun()?;
+    }
+    Ok(())
+}
+
+/// Run it and wait: Ok when every process finished.
+pub fn run(
+    spec: &RunSpec,
+    spec_file: &Path,
+    out: &Path,
+    processes: u64,
+    backend: Backend,
+    opts: &LaunchOptions,
+) -> Result<()> {
+    preflight(backend)?;
     check_spec(spec, processes, backend)?;
     let exe = std::env::current_exe().context("cannot find this program's path")?;
     let status = match backend {
