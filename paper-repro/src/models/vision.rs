@@ -9,6 +9,7 @@ use candle_core::{Device, Module, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::models::nn::{BatchNorm2d, Conv2d, Linear, ParamStore};
+use crate::models::ops::max_pool2x2;
 
 /// A vision model, as data.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -162,8 +163,8 @@ impl VisionModel {
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         Ok(match &self.body {
             Body::Cnn { conv1, conv2, fc1, fc2 } => {
-                let x = conv1.forward(x)?.relu()?.max_pool2d(2)?;
-                let x = conv2.forward(&x)?.relu()?.max_pool2d(2)?;
+                let x = max_pool2x2(&conv1.forward(x)?.relu()?)?;
+                let x = max_pool2x2(&conv2.forward(&x)?.relu()?)?;
                 let x = x.flatten_from(1)?;
                 fc2.forward(&fc1.forward(&x)?.relu()?)?
             }

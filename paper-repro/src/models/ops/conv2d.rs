@@ -52,36 +52,72 @@ impl ConvShape {
     fn positions(&self) -> usize {
         self.ho * self.wo
     }
-    /// The (row, position) → input index map, calling `f(row, pos, input_index)` for every
-    /// in-bounds tap of one image.
+    /// The (row, position) → input index map as runs: for every row (channel, ki, kj) and
+    /// output row oy, `f(row, oy, taps)` with `taps` = Some((lo, hi, first)) when output columns
+    /// lo..hi read the input (at `first`, `first + stride`, …) and the others fall in the
+    /// padding, None when the whole output row does. Rows, then oy, then columns ascend — the
+    /// order in which col2im adds into an input element.
     #[inline]
-    fn for_each_tap(&self, mut f: impl FnMut(usize, usize, usize)) {
+    fn for_each_run(&self, mut f: impl FnMut(usize, usize, Option<(usize, usize, usize)>)) {
         let (s, p) = (self.stride as isize, self.pad as isize);
         for ch in 0..self.c {
             for ki in 0..self.k {
                 for kj in 0..self.k {
                     let row = (ch * self.k + ki) * self.k + kj;
+                    // ix = ox·s − a; valid for 0 ≤ ix < w.
+                    let a = p - kj as isize;
+                    let lo = if a > 0 { (a + s - 1) / s } else { 0 };
+                    let last = self.w as isize - 1 + a;
+                    let hi = if last < 0 { 0 } else { (last / s + 1).min(self.wo as isize) };
                     for oy in 0..self.ho {
                         let iy = oy as isize * s - p + ki as isize;
-                        if iy < 0 || iy >= self.h as isize {
+                        if iy < 0 || iy >= self.h as isize || lo >= hi {
+                            f(row, oy, None);
                             continue;
                         }
-                        for ox in 0..self.wo {
-                            let ix = ox as isize * s - p + kj as isize;
-                            if ix < 0 || ix >= self.w as isize {
-                                continue;
-                            }
-                            f(row, oy * self.wo + ox, (ch * self.h + iy as usize) * self.w + ix as usize);
-                        }
+                        let first = (ch * self.h + iy as usize) * self.w + (lo * s - a) as usize;
+                        f(row, oy, Some((lo as usize, hi as usize, first)));
                     }
                 }
             }
         }
     }
     fn im2col(&self, img: &[f32], cols: &mut [f32]) {
-        cols.iter_mut().for_each(|v| *v = 0.0);
-        let p = self.positions();
-        self.for_each_tap(|row, pos, i| cols[row * p + pos] = img[i]);
+        let (p, wo, s) = (self.positions(), self.wo, self.stride);
+        self.for_each_run(|row, oy, taps| {
+            let out = &mut cols[row * p + oy * wo..][..wo];
+            match taps {
+                None => out.fill(0.0),
+                Some((lo, hi, first)) => {
+                    out[..lo].fill(0.0);
+                    out[hi..].fill(0.0);
+                    if s == 1 {
+                        out[lo..hi].copy_from_slice(&img[first..first + (hi - lo)]);
+                    } else {
+                        for (t, o) in out[lo..hi].iter_mut().enumerate() {
+                            *o = img[first + t * s];
+                        }
+                    }
+                }
+            }
+        });
+    }
+    /// dx += col2im(dcols): every column entry added into the input element it was read from.
+    fn col2im_add(&self, dcols: &[f32], dx: &mut [f32]) {
+        let (p, wo, s) = (self.positions(), self.wo, self.stride);
+        self.for_each_run(|row, oy, taps| {
+            let Some((lo, hi, first)) = taps else { return };
+            let src = &dcols[row * p + oy * wo + lo..][..hi - lo];
+            if s == 1 {
+                for (d, v) in dx[first..first + (hi - lo)].iter_mut().zip(src) {
+                    *d += v;
+                }
+            } else {
+                for (t, v) in src.iter().enumerate() {
+                    dx[first + t * s] += v;
+                }
+            }
+        });
     }
 }
 
@@ -156,7 +192,7 @@ impl CustomOp2 for Conv2dBackward {
                     gemm_into(g.o, kr, p, &mut dw, true, (dyimg, p, 1), (&cols, 1, p));
                     // dcols [K, P] = Wᵀ [K, O] · dY [O, P]
                     gemm_into(kr, p, g.o, &mut dcols, false, (w, 1, kr), (dyimg, p, 1));
-                    g.for_each_tap(|row, pos, i| dximg[i] += dcols[row * p + pos]);
+                    g.col2im_add(&dcols, dximg);
                 }
                 dw
             })
@@ -184,6 +220,64 @@ mod tests {
     use super::*;
     use crate::models::ops::testing::grads_match;
     use candle_core::{Device, Var};
+
+    /// im2col and col2im tap by tap, as the runs must reproduce them.
+    fn taps(g: &ConvShape, mut f: impl FnMut(usize, usize, usize)) {
+        let (s, p) = (g.stride as isize, g.pad as isize);
+        for ch in 0..g.c {
+            for ki in 0..g.k {
+                for kj in 0..g.k {
+                    let row = (ch * g.k + ki) * g.k + kj;
+                    for oy in 0..g.ho {
+                        for ox in 0..g.wo {
+                            let (iy, ix) = (oy as isize * s - p + ki as isize, ox as isize * s - p + kj as isize);
+                            if (0..g.h as isize).contains(&iy) && (0..g.w as isize).contains(&ix) {
+                                f(row, oy * g.wo + ox, (ch * g.h + iy as usize) * g.w + ix as usize);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn im2col_and_col2im_runs_equal_the_tap_by_tap_maps_bit_for_bit() {
+        let mut seed = 1u64;
+        let mut next = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+        };
+        for (c, h, w, k, stride, pad) in [
+            (3, 9, 8, 3, 1, 1),
+            (2, 9, 9, 3, 2, 1),
+            (2, 7, 10, 1, 2, 0),
+            (1, 5, 8, 3, 2, 1),
+            (2, 4, 4, 5, 1, 2),
+            (1, 6, 6, 3, 3, 2),
+        ] {
+            let g = ConvShape::new(&[1, c, h, w], &[2, c, k, k], stride, pad).unwrap();
+            let img: Vec<f32> = (0..c * h * w).map(|_| next()).collect();
+            let (kr, p) = (g.rows(), g.positions());
+            let mut cols = vec![f32::NAN; kr * p];
+            g.im2col(&img, &mut cols);
+            let mut want = vec![0f32; kr * p];
+            taps(&g, |row, pos, i| want[row * p + pos] = img[i]);
+            assert_eq!(
+                cols.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+            let dcols: Vec<f32> = (0..kr * p).map(|_| next()).collect();
+            let start: Vec<f32> = (0..c * h * w).map(|_| next()).collect();
+            let (mut dx, mut want) = (start.clone(), start);
+            g.col2im_add(&dcols, &mut dx);
+            taps(&g, |row, pos, i| want[i] += dcols[row * p + pos]);
+            assert_eq!(
+                dx.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+        }
+    }
 
     #[test]
     fn conv2d_matches_candle_forward_and_backward() {

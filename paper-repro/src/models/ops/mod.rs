@@ -1,6 +1,6 @@
 //! Fused CPU operators with hand-written backward passes: causal self-attention on the packed
 //! q|k|v projection, the causal softmax, LayerNorm (gain only; the bias is a separate broadcast
-//! add), the exact (erf) GELU, the im2col convolution and training-mode batch normalization.
+//! add), the exact (erf) GELU, the im2col convolution, training-mode batch normalization and 2×2 max pooling.
 //!
 //! Composed from candle's elementwise operators, each of these costs 5–20 passes over its
 //! tensor and as many allocations, forward and backward; profiling the baby GPT's training step
@@ -10,7 +10,7 @@
 //! back to the composed candle operations.
 //!
 //! One kernel family per file, each checked by its tests against the composed candle operations
-//! (and, for the convolution, against central finite differences).
+//! (and, for the convolution and the pooling, against central finite differences).
 
 mod attention;
 mod batch_norm;
@@ -18,6 +18,7 @@ mod conv2d;
 mod gelu;
 mod gemm;
 mod layer_norm;
+mod pool;
 mod softmax;
 
 pub use attention::{causal_mask, causal_self_attention, composed_causal_self_attention};
@@ -25,6 +26,7 @@ pub use batch_norm::batch_norm_train;
 pub use conv2d::conv2d;
 pub use gelu::gelu;
 pub use layer_norm::layer_norm;
+pub use pool::max_pool2x2;
 pub use softmax::causal_softmax;
 
 use candle_core::{CpuStorage, Layout};
