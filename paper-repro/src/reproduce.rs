@@ -7,8 +7,10 @@
 //! runs root (an exclusive lock). Training runs are shared out over `jobs` worker processes
 //! (`paper-repro train`, one thread each when the runs are CPU runs: small models train
 //! faster one per core than one on all cores, and the results are bit-identical), a run that
-//! starts from another (`init_from = "@artifact:key:seed"`) waiting for it. The analysis
-//! experiments (Reddi, bounds) run in this process afterwards.
+//! starts from another (`init_from = "@artifact:key:seed"`) waiting for it. With
+//! `--data-parallel mpi|nccl` a run of `ranks` = N > 1 is trained by N processes instead
+//! (`paper-repro launch`), one run at a time, with the emulation's folder and results. The
+//! analysis experiments (Reddi, bounds) run in this process afterwards.
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, IsTerminal, Write};
@@ -290,7 +292,12 @@ fn start_worker(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .with_context(|| format!("cannot start the worker {}", exe.display()))?;
+        .map_err(|e| {
+            if let Some(f) = &spec_file {
+                let _ = std::fs::remove_file(f);
+            }
+            anyhow::Error::new(e).context(format!("cannot start the worker {}", exe.display()))
+        })?;
     let mut stdin = child.stdin.take().context("worker stdin")?;
     if spec_file.is_none() {
         stdin.write_all(serde_json::to_string(&run.spec)?.as_bytes())?;
