@@ -255,17 +255,28 @@ impl BatchNorm2d {
         let shape = (1, c, 1, 1);
         let bias = self.bias.as_tensor().reshape(shape)?;
         if train {
-            // Running statistics, outside the graph.
-            let xd = x.detach();
-            let mean = xd.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
-            let var = xd.broadcast_sub(&mean)?.sqr()?.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
+            let (y, moments) = crate::models::ops::batch_norm_train(x, self.weight.as_tensor())?;
+            // Running statistics, outside the graph: the batch moments the fused kernel computed
+            // (in f64), else computed here.
+            let (mean, var) = match moments {
+                Some(m) => (
+                    Tensor::from_iter(m.iter().map(|p| p.0), x.device())?,
+                    Tensor::from_iter(m.iter().map(|p| p.1), x.device())?,
+                ),
+                None => {
+                    let xd = x.detach();
+                    let mean = xd.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
+                    let var = xd.broadcast_sub(&mean)?.sqr()?.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
+                    (mean.flatten_all()?, var.flatten_all()?)
+                }
+            };
             let count = (n * h * w) as f64;
-            let unbiased = (var.flatten_all()? * (count / (count - 1.0).max(1.0)))?;
-            let rm = ((self.running_mean.as_tensor() * 0.9)? + (mean.flatten_all()? * 0.1)?)?;
+            let unbiased = (var * (count / (count - 1.0).max(1.0)))?;
+            let rm = ((self.running_mean.as_tensor() * 0.9)? + (mean * 0.1)?)?;
             let rv = ((self.running_var.as_tensor() * 0.9)? + (unbiased * 0.1)?)?;
             self.running_mean.set(&rm)?;
             self.running_var.set(&rv)?;
-            crate::models::ops::batch_norm_train(x, self.weight.as_tensor())?.broadcast_add(&bias)
+            y.broadcast_add(&bias)
         } else {
             let (mean, var) =
                 (self.running_mean.as_tensor().reshape(shape)?, self.running_var.as_tensor().reshape(shape)?);

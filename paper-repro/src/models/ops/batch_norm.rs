@@ -1,6 +1,8 @@
 //! Batch normalization in training mode (batch statistics, gain γ; β added separately), fused
 //! forward and backward.
 
+use std::sync::{Arc, Mutex};
+
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -8,8 +10,9 @@ use super::{f32_slice, Result};
 
 const BN_EPS: f32 = 1e-5;
 
-/// Per channel c of x (N, C, H, W): mean and 1/√(var + ε) over (N, H, W) (biased variance).
-fn channel_stats(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<(f32, f32)> {
+/// Per channel c of x (N, C, H, W): the mean and the biased variance over (N, H, W),
+/// accumulated in f64.
+fn channel_moments(x: &[f32], n: usize, c: usize, hw: usize) -> ChannelMoments {
     (0..c)
         .into_par_iter()
         .map(|ch| {
@@ -24,13 +27,27 @@ fn channel_stats(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<(f32, f32)> {
                 var +=
                     x[(i * c + ch) * hw..(i * c + ch + 1) * hw].iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>();
             }
-            (mean as f32, 1.0 / ((var / count) as f32 + BN_EPS).sqrt())
+            (mean as f32, (var / count) as f32)
         })
         .collect()
 }
 
-/// y = (x − mean)·rstd·γ (batch statistics; add β separately).
-struct BatchNormOp;
+/// Per channel: the mean and 1/√(var + ε).
+fn channel_stats(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<(f32, f32)> {
+    channel_moments(x, n, c, hw).into_iter().map(|(mean, var)| (mean, 1.0 / (var + BN_EPS).sqrt())).collect()
+}
+
+/// Per channel: (mean, biased variance) of a batch.
+pub type ChannelMoments = Vec<(f32, f32)>;
+
+/// The moments a forward computed, for the caller's running statistics.
+type Moments = Arc<Mutex<Option<ChannelMoments>>>;
+
+/// y = (x − mean)·rstd·γ (batch statistics; add β separately). The forward leaves the batch's
+/// moments in `moments`, so the caller's running statistics need no second pass.
+struct BatchNormOp {
+    moments: Moments,
+}
 
 impl CustomOp2 for BatchNormOp {
     fn name(&self) -> &'static str {
@@ -41,7 +58,9 @@ impl CustomOp2 for BatchNormOp {
         let (x, gamma) = (f32_slice(xs, xl)?, f32_slice(gs, gl)?);
         let &[n, c, h, w] = xl.dims() else { candle_core::bail!("batch-norm expects NCHW, got {:?}", xl.dims()) };
         let hw = h * w;
-        let stats = channel_stats(x, n, c, hw);
+        let moments = channel_moments(x, n, c, hw);
+        let stats: Vec<(f32, f32)> = moments.iter().map(|&(mean, var)| (mean, 1.0 / (var + BN_EPS).sqrt())).collect();
+        *self.moments.lock().expect("moments") = Some(moments);
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(hw).zip(x.par_chunks(hw)).enumerate().for_each(|(plane, (o, xp))| {
             let ch = plane % c;
@@ -124,17 +143,27 @@ impl CustomOp2 for BatchNormBackward {
     }
 }
 
-/// Batch normalization with batch statistics and gain γ (NCHW); add β separately.
-pub fn batch_norm_train(x: &Tensor, gamma: &Tensor) -> Result<Tensor> {
+/// Batch normalization with batch statistics and gain γ (NCHW); add β separately. With the
+/// output, the batch's per-channel (mean, biased variance) when the fused kernel computed them
+/// (f32 on the CPU; None elsewhere: compute them from x).
+pub fn batch_norm_train(x: &Tensor, gamma: &Tensor) -> Result<(Tensor, Option<ChannelMoments>)> {
     if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
-        x.contiguous()?.apply_op2(&gamma.contiguous()?, BatchNormOp)
+        let moments = Moments::default();
+        let y = x.contiguous()?.apply_op2(&gamma.contiguous()?, BatchNormOp { moments: moments.clone() })?;
+        let taken = moments.lock().expect("moments").take();
+        Ok((y, taken))
     } else {
-        let c = gamma.elem_count();
-        let mean = x.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
-        xc.broadcast_div(&(var + BN_EPS as f64)?.sqrt()?)?.broadcast_mul(&gamma.reshape((1, c, 1, 1))?)
+        Ok((composed(x, gamma)?, None))
     }
+}
+
+/// The same normalization from candle operators (other devices and dtypes).
+fn composed(x: &Tensor, gamma: &Tensor) -> Result<Tensor> {
+    let c = gamma.elem_count();
+    let mean = x.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
+    xc.broadcast_div(&(var + BN_EPS as f64)?.sqrt()?)?.broadcast_mul(&gamma.reshape((1, c, 1, 1))?)
 }
 
 #[cfg(test)]
@@ -153,6 +182,25 @@ mod tests {
                 .broadcast_mul(&g.reshape((1, 4, 1, 1)).unwrap())
                 .unwrap()
         };
-        grads_match(|x, g| batch_norm_train(x, g).unwrap(), reference, &[6, 4, 5, 3], &[4]);
+        grads_match(|x, g| batch_norm_train(x, g).unwrap().0, reference, &[6, 4, 5, 3], &[4]);
+    }
+
+    #[test]
+    fn the_forward_returns_the_batch_moments_the_composed_ops_compute() {
+        let dev = candle_core::Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (8, 3, 5, 4), &dev).unwrap().affine(3.0, 2.0).unwrap();
+        let (_, moments) = batch_norm_train(&x, &Tensor::ones(3, candle_core::DType::F32, &dev).unwrap()).unwrap();
+        let moments = moments.expect("the fused kernel ran");
+        let mean = x.mean_keepdim(0).unwrap().mean_keepdim(2).unwrap().mean_keepdim(3).unwrap();
+        let var = x.broadcast_sub(&mean).unwrap().sqr().unwrap().mean_keepdim(0).unwrap();
+        let var = var.mean_keepdim(2).unwrap().mean_keepdim(3).unwrap();
+        let (mean, var) = (
+            mean.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            var.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        for (ch, &(m, v)) in moments.iter().enumerate() {
+            assert!((m - mean[ch]).abs() <= 1e-5 * (1.0 + mean[ch].abs()), "mean[{ch}] {m} vs {}", mean[ch]);
+            assert!((v - var[ch]).abs() <= 1e-5 * var[ch], "var[{ch}] {v} vs {}", var[ch]);
+        }
     }
 }
