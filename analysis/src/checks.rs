@@ -46,6 +46,14 @@ pub enum Status {
     Excluded,
 }
 
+impl Status {
+    /// The checks' rule: a confident violation, or an unresolved instance, counts against the
+    /// bound (noise cannot fake a pass).
+    pub fn counts_as_violation(self) -> bool {
+        matches!(self, Status::Violation | Status::Unresolved)
+    }
+}
+
 /// One row of the instance CSV.
 #[derive(Clone, Debug, Serialize)]
 pub struct Row {
@@ -532,6 +540,29 @@ pub fn summarize(bound: &str, rows: &[Row]) -> Summary {
         tightness_min: q(0.0),
         tightness_median: q(0.5),
         tightness_max: q(1.0),
+    }
+}
+
+/// A regret row checked by the exact rule, for the tests of what consumes rows (mutants, the
+/// regression set).
+#[cfg(test)]
+pub(crate) fn regret_row(regret: f64, terms: Vec<Term>) -> Row {
+    let data = InstanceData::Regret { regret, terms };
+    let bound_value = data.means(&total).1;
+    Row {
+        bound: "b".into(),
+        instance: 0,
+        seed: 0,
+        problem: String::new(),
+        settings: String::new(),
+        seeds: 1,
+        empirical: regret,
+        empirical_ucb: regret,
+        bound_value,
+        tightness: regret / bound_value,
+        status: data.status(&total),
+        note: String::new(),
+        data: Some(data),
     }
 }
 

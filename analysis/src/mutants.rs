@@ -11,7 +11,7 @@
 use serde::Serialize;
 
 use crate::bounds::Term;
-use crate::checks::{Row, Status};
+use crate::checks::{InstanceData, Row, Status};
 
 /// How a mutant changes one term.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
@@ -62,6 +62,11 @@ impl Mutant {
 
     pub fn describe(&self) -> String {
         format!("{}: term {} {}", self.bound, self.term, self.change.describe())
+    }
+
+    /// The instance's verdict on the mutant, by the real bound's rule.
+    pub fn status_on(&self, data: &InstanceData) -> Status {
+        data.status(&|t| self.value(t))
     }
 }
 
@@ -145,8 +150,8 @@ pub fn evaluate(rows: &[Row]) -> Vec<MutantResult> {
             };
             for r in &passed {
                 let data = r.data.as_ref().expect("filtered");
-                let status = data.status(&|t| m.value(t));
-                res.detected_on += (status == Status::Violation || status == Status::Unresolved) as usize;
+                let status = m.status_on(data);
+                res.detected_on += status.counts_as_violation() as usize;
                 res.confident_on += (status == Status::Violation) as usize;
                 let (emp, value) = data.means(&|t| m.value(t));
                 let (_, real) = data.means(&crate::bounds::total);
@@ -205,25 +210,7 @@ pub fn markdown(results: &[MutantResult]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::checks::InstanceData;
-
-    fn row(empirical: f64, terms: Vec<Term>) -> Row {
-        Row {
-            bound: "b".into(),
-            instance: 0,
-            seed: 0,
-            problem: String::new(),
-            settings: String::new(),
-            seeds: 1,
-            empirical,
-            empirical_ucb: empirical,
-            bound_value: crate::bounds::total(&terms),
-            tightness: 0.0,
-            status: Status::Pass,
-            note: String::new(),
-            data: Some(InstanceData::Regret { regret: empirical, terms }),
-        }
-    }
+    use crate::checks::regret_row as row;
 
     #[test]
     fn a_mutant_is_detected_where_the_instance_presses_on_its_term() {

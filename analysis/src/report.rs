@@ -502,10 +502,7 @@ pub fn run(out: &Path, settings: &BoundsSettings, slots: &Path, regression: &Pat
     write_atomically(&out.join("worst-instances.json"), serde_json::to_string_pretty(&found.kept)?.as_bytes())?;
     let searched = &found.rows;
     let searched_checked = searched.iter().filter(|r| r.status != crate::checks::Status::Excluded).count();
-    let searched_violations = searched
-        .iter()
-        .filter(|r| matches!(r.status, crate::checks::Status::Violation | crate::checks::Status::Unresolved))
-        .count();
+    let searched_violations = searched.iter().filter(|r| r.status.counts_as_violation()).count();
     let rows: Vec<Row> = rows.into_iter().chain(found.rows.iter().cloned()).collect();
     eprintln!("bounds: lemma-level checks…");
     let lemmas = crate::lemmas::run(&settings.lemmas);

@@ -310,7 +310,7 @@ pub fn search_target(
     let mut found = Found { target, best: None, violation: None };
     let consider = |case: Case, found: &mut Found| -> f64 {
         let Some(row) = evaluate(bound, &case, 0, settings.seeds.min(size.seeds)) else { return f64::NEG_INFINITY };
-        if matches!(row.status, Status::Violation | Status::Unresolved) && found.violation.is_none() {
+        if row.status.counts_as_violation() && found.violation.is_none() {
             found.violation = Some(row.clone());
         }
         let s = score(&row, mutant);
@@ -338,7 +338,7 @@ pub fn search_target(
     // The best case, checked again with the full number of seeds (what the report uses).
     if let Some((_, case, row)) = &mut found.best {
         if let Some(full) = evaluate(bound, case, 0, size.seeds) {
-            if matches!(full.status, Status::Violation | Status::Unresolved) && found.violation.is_none() {
+            if full.status.counts_as_violation() && found.violation.is_none() {
                 found.violation = Some(full.clone());
             }
             *row = full;
@@ -426,11 +426,8 @@ pub fn run(
         // The new regression set: the bound's worst case, and for every mutant some instance
         // detects, the instance that presses it hardest — old or new, one entry each.
         let chosen = covering_set(&candidates, &every_mutant);
-        let best_bound = candidates
-            .iter()
-            .filter(|(_, _, row)| row.status == Status::Pass)
-            .map(|(_, _, row)| row.tightness)
-            .fold(f64::NEG_INFINITY, f64::max);
+        // The covering set starts with the bound's worst passing case.
+        let best_bound = chosen.first().map_or(f64::NEG_INFINITY, |&i| candidates[i].2.tightness);
         for (i, (target, case, row)) in candidates.into_iter().enumerate() {
             let new = i >= from_regression;
             // This run's finds join the instances when they are kept, or when they are the
@@ -469,7 +466,7 @@ fn covering_set(candidates: &[(Target, Case, Row)], mutants: &[Mutant]) -> Vec<u
             .filter(|(_, (_, _, r))| passed(r))
             .filter_map(|(i, (_, _, r))| {
                 let data = r.data.as_ref()?;
-                let detected = matches!(data.status(&|t| m.value(t)), Status::Violation | Status::Unresolved);
+                let detected = m.status_on(data).counts_as_violation();
                 let (emp, value) = data.means(&|t| m.value(t));
                 detected.then_some((i, emp / value))
             })
@@ -493,27 +490,11 @@ fn target_label(t: &Target) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::checks::InstanceData;
+    use crate::checks::regret_row;
     use crate::frameworks::SecondMoment;
 
     fn candidate(regret: f64, big: f64, small: f64) -> (Target, Case, Row) {
-        let terms = vec![Term::new("big", big, 0.0, 1.0), Term::new("small", small, 0.0, 1.0)];
-        let bound_value = total(&terms);
-        let row = Row {
-            bound: "b".into(),
-            instance: 0,
-            seed: 0,
-            problem: String::new(),
-            settings: String::new(),
-            seeds: 1,
-            empirical: regret,
-            empirical_ucb: regret,
-            bound_value,
-            tightness: regret / bound_value,
-            status: if regret <= bound_value { Status::Pass } else { Status::Violation },
-            note: String::new(),
-            data: Some(InstanceData::Regret { regret, terms }),
-        };
+        let row = regret_row(regret, vec![Term::new("big", big, 0.0, 1.0), Term::new("small", small, 0.0, 1.0)]);
         let case = Case::Regret(RegretCase {
             problem: OnlineProblem::SignAdversary { g: 1.0, center: vec![0.0] },
             settings: RegretSettings { second: SecondMoment::Mean, alpha: 1.0, beta1: 0.0, lambda: 1.0, beta2: 0.5 },
@@ -540,7 +521,7 @@ mod tests {
         for m in &mutants {
             let detected_by = |c: &(Target, Case, Row)| {
                 let data = c.2.data.as_ref().unwrap();
-                c.2.status == Status::Pass && data.status(&|t| m.value(t)) != Status::Pass
+                c.2.status == Status::Pass && m.status_on(data) != Status::Pass
             };
             if candidates.iter().any(detected_by) {
                 assert!(chosen.iter().any(|&i| detected_by(&candidates[i])), "{}", m.describe());

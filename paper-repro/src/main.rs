@@ -421,21 +421,8 @@ fn run(cli: Cli) -> Result<()> {
                 &LaunchOptions { resume, auto, pause_after, progress_lines },
             )
         }
-        Command::Bench { steps } => {
-            // A scratch folder for the benchmark's corpus, removed afterwards.
-            let dir = std::env::temp_dir().join(format!("paper-repro-bench-{}", std::process::id()));
-            std::fs::create_dir_all(&dir)?;
-            let result = paper_repro::bench::run(&dir, steps);
-            let _ = std::fs::remove_dir_all(&dir);
-            result
-        }
-        Command::BenchDp { steps } => {
-            let dir = std::env::temp_dir().join(format!("paper-repro-bench-dp-{}", std::process::id()));
-            std::fs::create_dir_all(&dir)?;
-            let result = paper_repro::bench::data_parallel(&dir, steps);
-            let _ = std::fs::remove_dir_all(&dir);
-            result
-        }
+        Command::Bench { steps } => in_scratch("bench", |dir| paper_repro::bench::run(dir, steps)),
+        Command::BenchDp { steps } => in_scratch("bench-dp", |dir| paper_repro::bench::data_parallel(dir, steps)),
         #[cfg(feature = "mpi")]
         Command::BenchDpWorker { spec, steps } => paper_repro::bench::data_parallel_worker(&spec, steps),
         #[cfg(not(feature = "mpi"))]
@@ -532,6 +519,15 @@ fn run(cli: Cli) -> Result<()> {
 
 /// The exit code of a failed command: a run that diverged is a result, not a broken pipeline,
 /// and has its own.
+/// Run `f` in a scratch folder for a benchmark's corpus and files, removed afterwards.
+fn in_scratch(name: &str, f: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("paper-repro-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = f(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
 fn exit_code(e: &anyhow::Error) -> u8 {
     if e.downcast_ref::<paper_repro::run::Diverged>().is_some() {
         paper_repro::reproduce::DIVERGED_EXIT

@@ -32,9 +32,9 @@ fn channel_moments(x: &[f32], n: usize, c: usize, hw: usize) -> ChannelMoments {
         .collect()
 }
 
-/// Per channel: the mean and 1/√(var + ε).
-fn channel_stats(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<(f32, f32)> {
-    channel_moments(x, n, c, hw).into_iter().map(|(mean, var)| (mean, 1.0 / (var + BN_EPS).sqrt())).collect()
+/// Per channel: the mean and 1/√(var + ε), from the moments.
+fn channel_stats(moments: &[(f32, f32)]) -> Vec<(f32, f32)> {
+    moments.iter().map(|&(mean, var)| (mean, 1.0 / (var + BN_EPS).sqrt())).collect()
 }
 
 /// Per channel: (mean, biased variance) of a batch.
@@ -59,7 +59,7 @@ impl CustomOp2 for BatchNormOp {
         let &[n, c, h, w] = xl.dims() else { candle_core::bail!("batch-norm expects NCHW, got {:?}", xl.dims()) };
         let hw = h * w;
         let moments = channel_moments(x, n, c, hw);
-        let stats: Vec<(f32, f32)> = moments.iter().map(|&(mean, var)| (mean, 1.0 / (var + BN_EPS).sqrt())).collect();
+        let stats = channel_stats(&moments);
         *self.moments.lock().expect("moments") = Some(moments);
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(hw).zip(x.par_chunks(hw)).enumerate().for_each(|(plane, (o, xp))| {
@@ -106,7 +106,7 @@ impl CustomOp2 for BatchNormBackward {
         let (x, dy, gamma) = (f32_slice(xs, xl)?, f32_slice(gs, gl)?, f32_slice(gcpu, gml)?);
         let &[n, c, h, w] = xl.dims() else { candle_core::bail!("batch-norm expects NCHW") };
         let hw = h * w;
-        let stats = channel_stats(x, n, c, hw);
+        let stats = channel_stats(&channel_moments(x, n, c, hw));
         // Per channel: Σ dy and Σ dy·x̂.
         let sums: Vec<(f64, f64)> = (0..c)
             .into_par_iter()

@@ -69,24 +69,27 @@ impl CustomOp1 for MaxPool2x2 {
     }
 
     fn bwd(&self, x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let packed = Tensor::cat(&[&y.flatten_all()?, &grad.contiguous()?.flatten_all()?], 0)?;
-        Ok(Some(x.contiguous()?.apply_op2_no_bwd(&packed, &MaxPool2x2Backward)?))
+        let op = MaxPool2x2Backward { y: y.contiguous()? };
+        Ok(Some(x.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &op)?))
     }
 }
 
-/// dx of the pooling from x and [y | dy] (the forward output and its gradient, concatenated).
-struct MaxPool2x2Backward;
+/// dx of the pooling from x and dy, given the forward output y.
+struct MaxPool2x2Backward {
+    y: Tensor,
+}
 
 impl CustomOp2 for MaxPool2x2Backward {
     fn name(&self) -> &'static str {
         "max-pool-2x2-backward"
     }
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ps: &CpuStorage, pl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (x, packed) = (f32_slice(xs, xl)?, f32_slice(ps, pl)?);
-        let (planes, h, w) = plane_dims(xl)?;
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (yst, yl) = self.y.storage_and_layout();
+        let candle_core::Storage::Cpu(ycpu) = &*yst else { candle_core::bail!("max-pool backward: output not on CPU") };
+        let (x, dy, y) = (f32_slice(xs, xl)?, f32_slice(gs, gl)?, f32_slice(ycpu, yl)?);
+        let (_, h, w) = plane_dims(xl)?;
         let (ho, wo) = (h / 2, w / 2);
-        let (y, dy) = packed.split_at(planes * ho * wo);
         let mut dx = vec![0f32; x.len()];
         let chunk = h * w * PLANES_PER_TASK;
         let out_chunk = ho * wo * PLANES_PER_TASK;
