@@ -224,7 +224,7 @@ impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = crate::models::ops::conv2d(x, self.weight.as_tensor(), self.stride, self.padding)?;
         match &self.bias {
-            Some(b) => y.broadcast_add(&b.as_tensor().reshape((1, (), 1, 1))?),
+            Some(b) => crate::models::ops::add_channel_bias(&y, b.as_tensor()),
             None => Ok(y),
         }
     }
@@ -253,7 +253,7 @@ impl BatchNorm2d {
     pub fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
         let shape = (1, c, 1, 1);
-        let bias = self.bias.as_tensor().reshape(shape)?;
+        let bias = self.bias.as_tensor();
         if train {
             let (y, moments) = crate::models::ops::batch_norm_train(x, self.weight.as_tensor())?;
             // Running statistics, outside the graph: the batch moments the fused kernel computed
@@ -276,14 +276,15 @@ impl BatchNorm2d {
             let rv = ((self.running_var.as_tensor() * 0.9)? + (unbiased * 0.1)?)?;
             self.running_mean.set(&rm)?;
             self.running_var.set(&rv)?;
-            y.broadcast_add(&bias)
+            crate::models::ops::add_channel_bias(&y, bias)
         } else {
             let (mean, var) =
                 (self.running_mean.as_tensor().reshape(shape)?, self.running_var.as_tensor().reshape(shape)?);
-            x.broadcast_sub(&mean)?
+            let y = x
+                .broadcast_sub(&mean)?
                 .broadcast_div(&(var + 1e-5)?.sqrt()?)?
-                .broadcast_mul(&self.weight.as_tensor().reshape(shape)?)?
-                .broadcast_add(&bias)
+                .broadcast_mul(&self.weight.as_tensor().reshape(shape)?)?;
+            crate::models::ops::add_channel_bias(&y, bias)
         }
     }
 }

@@ -9,7 +9,7 @@ use candle_core::{Device, Module, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::models::nn::{BatchNorm2d, Conv2d, Linear, ParamStore};
-use crate::models::ops::max_pool2x2;
+use crate::models::ops::{max_pool2x2, relu};
 
 /// A vision model, as data.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -163,21 +163,21 @@ impl VisionModel {
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         Ok(match &self.body {
             Body::Cnn { conv1, conv2, fc1, fc2 } => {
-                let x = max_pool2x2(&conv1.forward(x)?.relu()?)?;
-                let x = max_pool2x2(&conv2.forward(&x)?.relu()?)?;
+                let x = max_pool2x2(&relu(&conv1.forward(x)?)?)?;
+                let x = max_pool2x2(&relu(&conv2.forward(&x)?)?)?;
                 let x = x.flatten_from(1)?;
-                fc2.forward(&fc1.forward(&x)?.relu()?)?
+                fc2.forward(&relu(&fc1.forward(&x)?)?)?
             }
             Body::Resnet { stem, stem_bn, blocks, fc } => {
-                let mut x = stem_bn.forward_t(&stem.forward(x)?, train)?.relu()?;
+                let mut x = relu(&stem_bn.forward_t(&stem.forward(x)?, train)?)?;
                 for b in blocks {
-                    let y = b.bn1.forward_t(&b.conv1.forward(&x)?, train)?.relu()?;
+                    let y = relu(&b.bn1.forward_t(&b.conv1.forward(&x)?, train)?)?;
                     let y = b.bn2.forward_t(&b.conv2.forward(&y)?, train)?;
                     let short = match &b.shortcut {
                         Some((c, bn)) => bn.forward_t(&c.forward(&x)?, train)?,
                         None => x.clone(),
                     };
-                    x = (y + short)?.relu()?;
+                    x = relu(&(y + short)?)?;
                 }
                 let pooled = x.mean(3)?.mean(2)?;
                 fc.forward(&pooled)?

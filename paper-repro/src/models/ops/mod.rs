@@ -1,6 +1,7 @@
 //! Fused CPU operators with hand-written backward passes: causal self-attention on the packed
 //! q|k|v projection, the causal softmax, LayerNorm (gain only; the bias is a separate broadcast
-//! add), the exact (erf) GELU, the im2col convolution, training-mode batch normalization and 2×2 max pooling.
+//! add), the exact (erf) GELU, the im2col convolution, training-mode batch normalization, a
+//! per-channel bias, ReLU and 2×2 max pooling.
 //!
 //! Composed from candle's elementwise operators, each of these costs 5–20 passes over its
 //! tensor and as many allocations, forward and backward; profiling the baby GPT's training step
@@ -14,19 +15,23 @@
 
 mod attention;
 mod batch_norm;
+mod channel_bias;
 mod conv2d;
 mod gelu;
 mod gemm;
 mod layer_norm;
 mod pool;
+mod relu;
 mod softmax;
 
 pub use attention::{causal_mask, causal_self_attention, composed_causal_self_attention};
 pub use batch_norm::batch_norm_train;
+pub use channel_bias::add_channel_bias;
 pub use conv2d::conv2d;
 pub use gelu::gelu;
 pub use layer_norm::layer_norm;
 pub use pool::max_pool2x2;
+pub use relu::relu;
 pub use softmax::causal_softmax;
 
 use candle_core::{CpuStorage, Layout};
