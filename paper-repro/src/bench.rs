@@ -21,6 +21,14 @@ const ADAM: &str = r#"{"name": "adam", "beta1": 0.9, "beta2": 0.99, "eps": 1e-8}
 const MADA: &str = r#"{"name": "mada", "eps": 1e-8, "coefficients": {"beta1": 0.9, "beta2": 0.99, "beta3": 0.0, "rho": 1.0, "c": 1.0, "gamma": 1.0},
     "hyper": {"lr": {"beta1": 0.0025, "beta2": 0.0025, "beta3": 0.0025, "rho": 0.0025, "c": 0.0025, "gamma": 0.0025}, "momentum": {"beta1": 0.5, "beta2": 0.5, "beta3": 0.5, "rho": 0.5, "c": 0.5}, "clip": 10.0}}"#;
 
+/// The models `bench` times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchModel {
+    BabyGpt,
+    Cnn,
+    Resnet,
+}
+
 fn base(task: Task, optimizer: &str, batch: usize) -> RunSpec {
     RunSpec {
         label: "bench".into(),
@@ -171,27 +179,35 @@ fn pytorch_rate(python: &str, scratch: &Path, script: &str, args: &[&str], key: 
 }
 
 /// Run the benchmark; `data` is a scratch folder for the benchmark's corpus.
-pub fn run(scratch: &Path, steps: u64) -> Result<()> {
+/// Time the `models` (all three when empty).
+pub fn run(scratch: &Path, steps: u64, models: &[BenchModel]) -> Result<()> {
+    let wanted = |m: BenchModel| models.is_empty() || models.contains(&m);
     let threads = rayon::current_num_threads();
     println!("training-step benchmark: {threads} threads, median of {steps} updates");
     println!("matmul GFLOP/s (baby-gpt layer shapes): {:.0}", matmul_gflops(20)?);
-    let baby = baby_gpt_task(scratch)?;
     let mut ours = Vec::new();
-    for (name, opt) in [("adam", ADAM), ("mada", MADA)] {
-        let spec = base(baby.clone(), opt, 8);
-        let (tps, model, optim) = measure(&spec, steps)?;
-        if name == "adam" {
-            ours.push(("baby-gpt", tps));
+    if wanted(BenchModel::BabyGpt) {
+        let baby = baby_gpt_task(scratch)?;
+        for (name, opt) in [("adam", ADAM), ("mada", MADA)] {
+            let spec = base(baby.clone(), opt, 8);
+            let (tps, model, optim) = measure(&spec, steps)?;
+            if name == "adam" {
+                ours.push(("baby-gpt", tps));
+            }
+            println!("baby-gpt tokens/s ({name}): {tps:.0}");
+            println!("  batch 8 × 256 tokens: forward+backward {:.0} ms, optimizer (hyper-gradient, clip, decay, update) {:.1} ms", model * 1e3, optim * 1e3);
         }
-        println!("baby-gpt tokens/s ({name}): {tps:.0}");
-        println!("  batch 8 × 256 tokens: forward+backward {:.0} ms, optimizer (hyper-gradient, clip, decay, update) {:.1} ms", model * 1e3, optim * 1e3);
     }
     let fashion = scratch.join("fashion-mnist-mini");
     crate::data::embedded::write_fashion_mnist_mini(&fashion)?;
     for (model_name, model) in [
-        ("cnn", VisionModelConfig::cnn()),
-        ("resnet", VisionModelConfig::Resnet { blocks: vec![1, 1, 1], widths: vec![16, 32, 64] }),
-    ] {
+        (BenchModel::Cnn, "cnn", VisionModelConfig::cnn()),
+        (BenchModel::Resnet, "resnet", VisionModelConfig::Resnet { blocks: vec![1, 1, 1], widths: vec![16, 32, 64] }),
+    ]
+    .into_iter()
+    .filter(|(m, ..)| wanted(*m))
+    .map(|(_, name, config)| (name, config))
+    {
         for (name, opt) in [("adam", ADAM), ("mada", MADA)] {
             let task = Task::Vision {
                 data: VisionData::FashionMnist { dir: fashion.clone() },

@@ -144,6 +144,9 @@ enum Command {
     Bench {
         #[arg(long, default_value_t = 5)]
         steps: u64,
+        /// Only these models (repeat the flag for several; default: all three).
+        #[arg(long = "model", value_enum)]
+        models: Vec<paper_repro::bench::BenchModel>,
     },
     /// On the first CUDA device against the CPU: device facts, a small GPT's gradients, every
     /// optimizer's updates (one 38.6M-element tensor among the parameters), GPT-2 124M step
@@ -421,7 +424,7 @@ fn run(cli: Cli) -> Result<()> {
                 &LaunchOptions { resume, auto, pause_after, progress_lines },
             )
         }
-        Command::Bench { steps } => in_scratch("bench", |dir| paper_repro::bench::run(dir, steps)),
+        Command::Bench { steps, models } => in_scratch("bench", |dir| paper_repro::bench::run(dir, steps, &models)),
         Command::BenchDp { steps } => in_scratch("bench-dp", |dir| paper_repro::bench::data_parallel(dir, steps)),
         #[cfg(feature = "mpi")]
         Command::BenchDpWorker { spec, steps } => paper_repro::bench::data_parallel_worker(&spec, steps),

@@ -222,11 +222,8 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = crate::models::ops::conv2d(x, self.weight.as_tensor(), self.stride, self.padding)?;
-        match &self.bias {
-            Some(b) => crate::models::ops::add_channel_bias(&y, b.as_tensor()),
-            None => Ok(y),
-        }
+        let bias = self.bias.as_ref().map(|b| b.as_tensor());
+        crate::models::ops::conv2d(x, self.weight.as_tensor(), bias, self.stride, self.padding)
     }
 }
 

@@ -14,10 +14,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{f32_slice, Result};
-
-/// Planes per rayon task in the forward.
-const PLANES_PER_TASK: usize = 8;
+use super::{f32_slice, par_collect, Result};
 
 /// (images, channels, positions per plane) of an NCHW tensor with a (C) bias.
 fn dims(x: &Layout, channels: usize) -> Result<(usize, usize, usize)> {
@@ -38,24 +35,16 @@ impl CustomOp2 for ChannelBias {
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, bs: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, b) = (f32_slice(xs, xl)?, f32_slice(bs, bl)?);
         let (_, c, plane) = dims(xl, b.len())?;
-        let mut out = vec![0f32; x.len()];
-        if plane > 0 {
-            let chunk = plane * PLANES_PER_TASK;
-            out.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).enumerate().for_each(|(task, (o, xi))| {
-                for (j, (op, xp)) in o.chunks_mut(plane).zip(xi.chunks(plane)).enumerate() {
-                    let bias = b[(task * PLANES_PER_TASK + j) % c];
-                    for (ov, v) in op.iter_mut().zip(xp) {
-                        *ov = v + bias;
-                    }
-                }
-            });
-        }
+        // One plane per chunk: its values are x + that channel's bias.
+        let out = par_collect(x.len(), plane, |i| {
+            let bias = b[i % c];
+            x[i * plane..][..plane].iter().map(move |v| v + bias)
+        })?;
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
 
     fn bwd(&self, _x: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let db = grad.contiguous()?.apply_op1_no_bwd(&ChannelSum { channels: b.elem_count() })?;
-        Ok((Some(grad.clone()), Some(db)))
+        Ok((Some(grad.clone()), Some(channel_sum(&grad.contiguous()?, b.elem_count())?)))
     }
 }
 
@@ -86,6 +75,12 @@ impl CustomOp1 for ChannelSum {
             .collect();
         Ok((CpuStorage::F32(sums), Shape::from(c)))
     }
+}
+
+/// The bias gradient of an NCHW output gradient `grad` (contiguous): Σ over images and positions,
+/// per channel, in candle's order.
+pub(super) fn channel_sum(grad: &Tensor, channels: usize) -> Result<Tensor> {
+    grad.apply_op1_no_bwd(&ChannelSum { channels })
 }
 
 /// x + b broadcast over channels, x of shape (N, C, H, W) and b of shape (C): the fused kernel

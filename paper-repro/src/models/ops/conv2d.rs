@@ -1,9 +1,10 @@
 //! 2-D convolution (NCHW, square stride, zero padding) by im2col and GEMM, fused forward and
 //! backward.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::channel_bias::channel_sum;
 use super::gemm::gemm_into;
 use super::{f32_slice, Result};
 
@@ -124,6 +125,41 @@ impl ConvShape {
 /// Images per rayon task in the convolution kernels.
 const IMAGES_PER_TASK: usize = 4;
 
+/// The convolution of every image, plus the bias of each output channel when given — added to
+/// the finished product, as candle's broadcast add of a bias does, so the result is bit for bit
+/// the separate convolution and bias.
+fn forward(g: &ConvShape, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+    let (img, out_img, p) = (g.c * g.h * g.w, g.o * g.positions(), g.positions());
+    let mut out = vec![0f32; g.n * out_img];
+    out.par_chunks_mut(out_img * IMAGES_PER_TASK).zip(x.par_chunks(img * IMAGES_PER_TASK)).for_each(|(o, xi)| {
+        let mut cols = vec![0f32; g.rows() * p];
+        for (oimg, ximg) in o.chunks_mut(out_img).zip(xi.chunks(img)) {
+            g.im2col(ximg, &mut cols);
+            // out [O, P] = W [O, K] · cols [K, P]
+            gemm_into(g.o, p, g.rows(), oimg, false, (w, g.rows(), 1), (&cols, p, 1));
+            if let Some(b) = bias {
+                for (row, bv) in oimg.chunks_mut(p).zip(b) {
+                    for v in row {
+                        *v += bv;
+                    }
+                }
+            }
+        }
+    });
+    out
+}
+
+/// The input's and the kernel's gradients: dx only when the input takes part in the graph (the
+/// images fed to the first layer do not, and their dx is half the first layer's backward).
+fn gradients(x: &Tensor, w: &Tensor, grad: &Tensor, stride: usize, pad: usize) -> Result<(Option<Tensor>, Tensor)> {
+    let input_grad = x.track_op();
+    let op = Conv2dBackward { w: w.contiguous()?, stride, pad, input_grad };
+    let packed = x.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &op)?;
+    let (nx, nw) = (if input_grad { x.elem_count() } else { 0 }, w.elem_count());
+    let dx = if input_grad { Some(packed.narrow(0, 0, nx)?.reshape(x.shape())?) } else { None };
+    Ok((dx, packed.narrow(0, nx, nw)?.reshape(w.shape())?))
+}
+
 struct Conv2dOp {
     stride: usize,
     pad: usize,
@@ -137,33 +173,66 @@ impl CustomOp2 for Conv2dOp {
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, w) = (f32_slice(xs, xl)?, f32_slice(ws, wl)?);
         let g = ConvShape::new(xl.dims(), wl.dims(), self.stride, self.pad)?;
-        let (img, out_img) = (g.c * g.h * g.w, g.o * g.positions());
-        let mut out = vec![0f32; g.n * out_img];
-        out.par_chunks_mut(out_img * IMAGES_PER_TASK).zip(x.par_chunks(img * IMAGES_PER_TASK)).for_each(|(o, xi)| {
-            let mut cols = vec![0f32; g.rows() * g.positions()];
-            for (oimg, ximg) in o.chunks_mut(out_img).zip(xi.chunks(img)) {
-                g.im2col(ximg, &mut cols);
-                // out [O, P] = W [O, K] · cols [K, P]
-                gemm_into(g.o, g.positions(), g.rows(), oimg, false, (w, g.rows(), 1), (&cols, g.positions(), 1));
-            }
-        });
-        Ok((CpuStorage::F32(out), Shape::from((g.n, g.o, g.ho, g.wo))))
+        Ok((CpuStorage::F32(forward(&g, x, w, None)), Shape::from((g.n, g.o, g.ho, g.wo))))
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let op = Conv2dBackward { w: w.contiguous()?, stride: self.stride, pad: self.pad };
-        let packed = x.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &op)?;
-        let (nx, nw) = (x.elem_count(), w.elem_count());
-        Ok((Some(packed.narrow(0, 0, nx)?.reshape(x.shape())?), Some(packed.narrow(0, nx, nw)?.reshape(w.shape())?)))
+        let (dx, dw) = gradients(x, w, grad, self.stride, self.pad)?;
+        Ok((dx, Some(dw)))
     }
 }
 
-/// [dx | dw] of a convolution: per image, dW += dY·colsᵀ and dcols = Wᵀ·dY scattered back
-/// (col2im) into dx; the per-task dW partials are summed in task order (deterministic).
+/// The convolution with its bias: one pass over the output fewer than the convolution and
+/// [`add_channel_bias`](super::add_channel_bias), with the same values and gradients bit for bit
+/// (the bias gradient is that kernel's sum).
+struct Conv2dBiasOp {
+    stride: usize,
+    pad: usize,
+}
+
+impl CustomOp3 for Conv2dBiasOp {
+    fn name(&self) -> &'static str {
+        "conv2d-im2col-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (f32_slice(xs, xl)?, f32_slice(ws, wl)?, f32_slice(bs, bl)?);
+        let g = ConvShape::new(xl.dims(), wl.dims(), self.stride, self.pad)?;
+        if b.len() != g.o {
+            candle_core::bail!("conv2d: {} biases for {} output channels", b.len(), g.o);
+        }
+        Ok((CpuStorage::F32(forward(&g, x, w, Some(b))), Shape::from((g.n, g.o, g.ho, g.wo))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = gradients(x, w, grad, self.stride, self.pad)?;
+        Ok((dx, Some(dw), Some(channel_sum(&grad.contiguous()?, b.elem_count())?)))
+    }
+}
+
+/// [dx | dw] of a convolution (dw alone without `input_grad`): per image, dW += dY·colsᵀ and
+/// dcols = Wᵀ·dY scattered back (col2im) into dx; the per-task dW partials are summed in task
+/// order (deterministic).
 struct Conv2dBackward {
     w: Tensor,
     stride: usize,
     pad: usize,
+    input_grad: bool,
 }
 
 impl CustomOp2 for Conv2dBackward {
@@ -177,41 +246,59 @@ impl CustomOp2 for Conv2dBackward {
         let (x, dy, w) = (f32_slice(xs, xl)?, f32_slice(gs, gl)?, f32_slice(wcpu, wl)?);
         let g = ConvShape::new(xl.dims(), wl.dims(), self.stride, self.pad)?;
         let (img, out_img, p, kr) = (g.c * g.h * g.w, g.o * g.positions(), g.positions(), g.rows());
-        let mut out = vec![0f32; x.len() + w.len()];
-        let (dx, dw_total) = out.split_at_mut(x.len());
-        let partials: Vec<Vec<f32>> = dx
-            .par_chunks_mut(img * IMAGES_PER_TASK)
-            .zip(x.par_chunks(img * IMAGES_PER_TASK).zip(dy.par_chunks(out_img * IMAGES_PER_TASK)))
-            .map(|(dxi, (xi, dyi))| {
-                let mut dw = vec![0f32; w.len()];
-                let mut cols = vec![0f32; kr * p];
-                let mut dcols = vec![0f32; kr * p];
-                for ((dximg, ximg), dyimg) in dxi.chunks_mut(img).zip(xi.chunks(img)).zip(dyi.chunks(out_img)) {
-                    g.im2col(ximg, &mut cols);
-                    // dW [O, K] += dY [O, P] · colsᵀ [P, K]
-                    gemm_into(g.o, kr, p, &mut dw, true, (dyimg, p, 1), (&cols, 1, p));
+        let nx = if self.input_grad { x.len() } else { 0 };
+        let mut out = vec![0f32; nx + w.len()];
+        let (dx, dw_total) = out.split_at_mut(nx);
+        let per_task = |dxi: Option<&mut [f32]>, xi: &[f32], dyi: &[f32]| {
+            let mut dw = vec![0f32; w.len()];
+            let mut cols = vec![0f32; kr * p];
+            let mut dcols = if dxi.is_some() { vec![0f32; kr * p] } else { Vec::new() };
+            let mut dximgs = dxi.map(|d| d.chunks_mut(img));
+            for (ximg, dyimg) in xi.chunks(img).zip(dyi.chunks(out_img)) {
+                g.im2col(ximg, &mut cols);
+                // dW [O, K] += dY [O, P] · colsᵀ [P, K]
+                gemm_into(g.o, kr, p, &mut dw, true, (dyimg, p, 1), (&cols, 1, p));
+                if let Some(dximg) = dximgs.as_mut().and_then(|it| it.next()) {
                     // dcols [K, P] = Wᵀ [K, O] · dY [O, P]
                     gemm_into(kr, p, g.o, &mut dcols, false, (w, 1, kr), (dyimg, p, 1));
                     g.col2im_add(&dcols, dximg);
                 }
-                dw
-            })
-            .collect();
+            }
+            dw
+        };
+        let (xs_, dys) = (x.par_chunks(img * IMAGES_PER_TASK), dy.par_chunks(out_img * IMAGES_PER_TASK));
+        let partials: Vec<Vec<f32>> = if self.input_grad {
+            dx.par_chunks_mut(img * IMAGES_PER_TASK)
+                .zip(xs_.zip(dys))
+                .map(|(dxi, (xi, dyi))| per_task(Some(dxi), xi, dyi))
+                .collect()
+        } else {
+            xs_.zip(dys).map(|(xi, dyi)| per_task(None, xi, dyi)).collect()
+        };
         for part in partials {
             for (t, v) in dw_total.iter_mut().zip(part) {
                 *t += v;
             }
         }
-        Ok((CpuStorage::F32(out), Shape::from(x.len() + w.len())))
+        Ok((CpuStorage::F32(out), Shape::from(nx + w.len())))
     }
 }
 
-/// 2-D convolution (NCHW input, (O, C, k, k) kernel), square stride and zero padding.
-pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
+/// 2-D convolution (NCHW input, (O, C, k, k) kernel, optional (O) bias), square stride and zero
+/// padding.
+pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad: usize) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
-        x.contiguous()?.apply_op2(&w.contiguous()?, Conv2dOp { stride, pad })
+        let (x, w) = (x.contiguous()?, w.contiguous()?);
+        match bias {
+            Some(b) => x.apply_op3(&w, &b.contiguous()?, Conv2dBiasOp { stride, pad }),
+            None => x.apply_op2(&w, Conv2dOp { stride, pad }),
+        }
     } else {
-        x.conv2d(w, pad, stride, 1, 1)
+        let y = x.conv2d(w, pad, stride, 1, 1)?;
+        match bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+            None => Ok(y),
+        }
     }
 }
 
@@ -285,11 +372,44 @@ mod tests {
         // backward returns a wrongly sized input gradient otherwise; see the next test).
         for (stride, pad, k, hw) in [(1, 1, 3, (9, 8)), (2, 1, 3, (9, 9)), (2, 0, 1, (9, 9)), (1, 0, 3, (9, 8))] {
             grads_match(
-                |x, w| conv2d(x, w, stride, pad).unwrap(),
+                |x, w| conv2d(x, w, None, stride, pad).unwrap(),
                 |x, w| x.conv2d(w, pad, stride, 1, 1).unwrap(),
                 &[5, 3, hw.0, hw.1],
                 &[4, 3, k, k],
             );
+        }
+    }
+
+    #[test]
+    fn conv2d_with_bias_is_the_convolution_then_the_bias_bit_for_bit_with_or_without_dx() {
+        let dev = Device::Cpu;
+        let bits = |t: &Tensor| -> Vec<u32> {
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+        };
+        for (stride, pad, k, c) in [(1, 1, 3, 1), (2, 1, 3, 3)] {
+            let x0 = Tensor::randn(0f32, 1.0, (9, c, 8, 7), &dev).unwrap();
+            let w = Var::from_tensor(&Tensor::randn(0f32, 0.3, (5, c, k, k), &dev).unwrap()).unwrap();
+            let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, 5, &dev).unwrap()).unwrap();
+            let x = Var::from_tensor(&x0).unwrap();
+            let fused = conv2d(x.as_tensor(), w.as_tensor(), Some(b.as_tensor()), stride, pad).unwrap();
+            let composed = super::super::add_channel_bias(
+                &conv2d(x.as_tensor(), w.as_tensor(), None, stride, pad).unwrap(),
+                b.as_tensor(),
+            )
+            .unwrap();
+            assert_eq!(bits(&fused), bits(&composed));
+            let r = Tensor::randn(0f32, 1.0, fused.shape(), &dev).unwrap();
+            let gf = (&fused * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gc = (&composed * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            for v in [&x, &w, &b] {
+                assert_eq!(bits(gf.get(v.as_tensor()).unwrap()), bits(gc.get(v.as_tensor()).unwrap()));
+            }
+            // Images outside the graph: no dx is computed, and dw and db do not change.
+            let plain = conv2d(&x0, w.as_tensor(), Some(b.as_tensor()), stride, pad).unwrap();
+            let gp = (plain * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            for v in [&w, &b] {
+                assert_eq!(bits(gp.get(v.as_tensor()).unwrap()), bits(gf.get(v.as_tensor()).unwrap()));
+            }
         }
     }
 
@@ -300,7 +420,7 @@ mod tests {
         let dev = Device::Cpu;
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 2, 5, 8), &dev).unwrap()).unwrap();
         let w = Tensor::randn(0f32, 1.0, (3, 2, 3, 3), &dev).unwrap();
-        let y = conv2d(x.as_tensor(), &w, 2, 1).unwrap();
+        let y = conv2d(x.as_tensor(), &w, None, 2, 1).unwrap();
         let r = Tensor::randn(0f32, 1.0, y.shape(), &dev).unwrap();
         let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
         let dx = g.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -308,7 +428,7 @@ mod tests {
         let base = x.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let f = |v: &[f32]| -> f64 {
             let t = Tensor::from_vec(v.to_vec(), (1, 2, 5, 8), &dev).unwrap();
-            (conv2d(&t, &w, 2, 1).unwrap() * &r)
+            (conv2d(&t, &w, None, 2, 1).unwrap() * &r)
                 .unwrap()
                 .sum_all()
                 .unwrap()

@@ -75,6 +75,41 @@ pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> 
     }
 }
 
+/// A kernel's output of `len` f32s whose every element the kernel computes, without the
+/// zero-fill of `vec![0.0; len]`: that fill is a full extra pass over memory (a `memset` of a
+/// recycled block), measured at 6% of the CNN's training step across these kernels.
+///
+/// Chunk i (elements i·chunk .. min((i + 1)·chunk, len)) takes the values `values(i)` yields, in
+/// order, the chunks in parallel. An iterator that yields fewer values than its chunk holds is an
+/// error (a bug in the kernel), never uninitialized memory.
+pub(crate) fn par_collect<I: Iterator<Item = f32>>(
+    len: usize,
+    chunk: usize,
+    values: impl Fn(usize) -> I + Sync,
+) -> Result<Vec<f32>> {
+    use rayon::prelude::*;
+    let mut out = Vec::with_capacity(len);
+    let written: usize = out.spare_capacity_mut()[..len]
+        .par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .map(|(i, dst)| {
+            let mut n = 0;
+            for (d, v) in dst.iter_mut().zip(values(i)) {
+                d.write(v);
+                n += 1;
+            }
+            n
+        })
+        .sum();
+    if written != len {
+        candle_core::bail!("fused op: {written} of {len} output elements computed");
+    }
+    // SAFETY: the chunks partition 0..len, each chunk's count is at most its length and counts
+    // the elements written from its start, and the counts sum to len: every element is written.
+    unsafe { out.set_len(len) };
+    Ok(out)
+}
+
 /// Rows of work per rayon task.
 pub(crate) const ROWS_PER_TASK: usize = 64;
 

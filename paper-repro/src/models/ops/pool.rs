@@ -16,7 +16,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{f32_slice, Result};
+use super::{f32_slice, par_collect, Result};
 
 /// Planes per rayon task.
 const PLANES_PER_TASK: usize = 8;
@@ -46,24 +46,21 @@ impl CustomOp1 for MaxPool2x2 {
         let x = f32_slice(s, l)?;
         let (planes, h, w) = plane_dims(l)?;
         let (ho, wo) = (h / 2, w / 2);
-        let mut out = vec![0f32; planes * ho * wo];
-        out.par_chunks_mut(ho * wo * PLANES_PER_TASK).zip(x.par_chunks(h * w * PLANES_PER_TASK)).for_each(|(o, xi)| {
-            for (op, xp) in o.chunks_mut(ho * wo).zip(xi.chunks(h * w)) {
-                for oy in 0..ho {
-                    for ox in 0..wo {
-                        // Candle's scan: the window's first element, replaced by any larger one.
-                        let [a, b, c, d] = window(w, oy, ox).map(|i| xp[i]);
-                        let mut largest = a;
-                        for v in [b, c, d] {
-                            if largest < v {
-                                largest = v;
-                            }
-                        }
-                        op[oy * wo + ox] = largest;
+        // One plane per chunk, its windows in row-major order.
+        let out = par_collect(planes * ho * wo, ho * wo, |p| {
+            let xp = &x[p * h * w..][..h * w];
+            (0..ho * wo).map(move |k| {
+                // Candle's scan: the window's first element, replaced by any larger one.
+                let [a, b, c, d] = window(w, k / wo, k % wo).map(|i| xp[i]);
+                let mut largest = a;
+                for v in [b, c, d] {
+                    if largest < v {
+                        largest = v;
                     }
                 }
-            }
-        });
+                largest
+            })
+        })?;
         let d = l.dims();
         Ok((CpuStorage::F32(out), Shape::from((d[0], d[1], ho, wo))))
     }

@@ -8,10 +8,8 @@
 //! shows at exact zeros), a NaN input passes no gradient, and a negative gradient times 0 keeps
 //! its −0, as candle's product does.
 
+use super::{f32_slice, par_collect, Result};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
-use rayon::prelude::*;
-
-use super::{f32_slice, Result};
 
 /// Elements per rayon task.
 const CHUNK: usize = 1 << 14;
@@ -25,12 +23,7 @@ impl CustomOp1 for Relu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l)?;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, xs)| {
-            for (ov, v) in o.iter_mut().zip(xs) {
-                *ov = v.max(0f32);
-            }
-        });
+        let out = par_collect(x.len(), CHUNK, |i| x[i * CHUNK..].iter().take(CHUNK).map(|v| v.max(0f32)))?;
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
@@ -49,12 +42,13 @@ impl CustomOp2 for ReluBackward {
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, g) = (f32_slice(xs, xl)?, f32_slice(gs, gl)?);
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK))).for_each(|(o, (xc, gc))| {
-            for ((ov, v), gv) in o.iter_mut().zip(xc).zip(gc) {
-                *ov = gv * if *v >= 0.0 { 1f32 } else { 0f32 };
-            }
-        });
+        if g.len() != x.len() {
+            candle_core::bail!("relu backward: {} gradients for {} inputs", g.len(), x.len());
+        }
+        let out = par_collect(x.len(), CHUNK, |i| {
+            let (xc, gc) = (&x[i * CHUNK..], &g[i * CHUNK..]);
+            xc.iter().zip(gc).take(CHUNK).map(|(v, gv)| gv * if *v >= 0.0 { 1f32 } else { 0f32 })
+        })?;
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
 }
