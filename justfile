@@ -109,9 +109,10 @@ train-dp n spec out *args:
 bench-optimizer:
     cargo bench -p mada --bench optimizer
 
-# Time training steps (baby GPT, CNN, ResNet) with Adam and MADA, and PyTorch's if installed.
-bench-train:
-    {{repro}} bench
+# Time training steps (baby GPT, CNN, ResNet) with Adam and MADA, and PyTorch's if installed
+# (`--model cnn` etc. for one model; `--steps N`).
+bench-train *args:
+    {{repro}} bench {{args}}
 
 # Time the baby GPT with MADA as 2 MPI processes against one process, and the all-reduce per update.
 bench-dp:

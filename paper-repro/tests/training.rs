@@ -301,3 +301,25 @@ fn per_rank_clipping_clips_each_rank_before_the_average() {
     // The update is read back from f32 parameters: compare against the update's own scale.
     assert!(worst <= 1e-4 * expected_norm, "worst |taken − expected| {worst:e}, ‖expected‖ {expected_norm:e}");
 }
+
+#[test]
+fn bench_times_the_models_asked_for_and_only_those() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_paper-repro"))
+        .args(["bench", "--model", "cnn", "--steps", "1"])
+        // No PyTorch: the run must still print ours, and say why no ratio follows.
+        .env("MADA_TORCH_PYTHON", "/nonexistent/python")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    for line in ["cnn images/s (adam): ", "cnn images/s (mada): ", "pytorch: not importable"] {
+        assert!(text.contains(line), "{line:?} missing from:\n{text}");
+    }
+    assert!(!text.lines().any(|l| l.starts_with("baby-gpt") || l.starts_with("resnet")), "{text}");
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_paper-repro"))
+        .args(["bench", "--model", "vgg"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("vgg"));
+}
