@@ -178,8 +178,8 @@ fn pytorch_rate(python: &str, scratch: &Path, script: &str, args: &[&str], key: 
         .with_context(|| format!("no `{key}` line in the PyTorch benchmark's output: {text}"))
 }
 
-/// Run the benchmark; `data` is a scratch folder for the benchmark's corpus.
-/// Time the `models` (all three when empty).
+/// Run the benchmark of the `models` (all three when empty); `scratch` is a folder for the
+/// benchmark's corpus and images.
 pub fn run(scratch: &Path, steps: u64, models: &[BenchModel]) -> Result<()> {
     let wanted = |m: BenchModel| models.is_empty() || models.contains(&m);
     let threads = rayon::current_num_threads();

@@ -167,3 +167,15 @@ pub(crate) mod testing {
         close(ga.get(w.as_tensor()).unwrap(), gb.get(w.as_tensor()).unwrap(), "dw");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn par_collect_fills_every_chunk_in_order_and_refuses_a_short_one() {
+        let v = super::par_collect(10, 4, |i| (0..4).map(move |k| (i * 4 + k) as f32)).unwrap();
+        assert_eq!(v, (0..10).map(|k| k as f32).collect::<Vec<_>>());
+        // Chunks of 4, 4 and 2; the second yields 3 values.
+        let e = super::par_collect(10, 4, |i| (0..if i == 1 { 3 } else { 4 }).map(|k| k as f32)).unwrap_err();
+        assert!(e.to_string().contains("9 of 10 output elements"), "{e}");
+    }
+}
