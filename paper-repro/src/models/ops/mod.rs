@@ -179,3 +179,21 @@ mod tests {
         assert!(e.to_string().contains("9 of 10 output elements"), "{e}");
     }
 }
+
+/// The vendored candle-core's change (paper-repro/vendor/README.md) keeps candle's arithmetic.
+#[cfg(test)]
+mod patched_candle {
+    use candle_core::{Device, Tensor, Var};
+
+    #[test]
+    fn a_first_gradient_is_still_zero_plus_g_so_a_negative_zero_comes_out_positive() {
+        // d(Σ x·w)/dx = w: the product rule gives 1·(−0) = −0, which candle's zero-filled buffer
+        // turned into 0 + (−0) = +0. Inserting g as it comes would keep −0 and change bits.
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::new(&[1f32, 2.0], &dev).unwrap()).unwrap();
+        let w = Tensor::new(&[-0.0f32, -3.0], &dev).unwrap();
+        let grads = (x.as_tensor() * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = grads.get(x.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(g.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), [0f32.to_bits(), (-3f32).to_bits()]);
+    }
+}

@@ -771,7 +771,10 @@ impl GradStore {
         let grad = match self.0.entry(tensor.id()) {
             Entry::Occupied(entry) => entry.into_mut(),
             Entry::Vacant(entry) => {
-                let grad = tensor.zeros_like()?;
+                // Patched (paper-repro/vendor/README.md): a broadcast scalar zero instead of a
+                // zero-filled buffer; the add that follows every insertion computes 0 + g as before.
+                let grad = Tensor::zeros((), tensor.dtype(), tensor.device())?
+                    .broadcast_as(tensor.shape())?;
                 entry.insert(grad)
             }
         };
