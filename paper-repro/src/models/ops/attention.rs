@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use super::gemm::gemm_strided;
 use super::softmax::{causal_softmax, causal_softmax_rows};
-use super::{f32_slice, Result};
+use super::{f32_slice, on_fused_path, Result};
 
 /// Rows of the attention matrix per block: a block of rows i ∈ [r, r + 64) only needs columns
 /// j < r + 64, so the products skip most of the masked upper triangle (≈ 40% of the attention
@@ -191,7 +191,7 @@ pub fn causal_mask(t: usize, device: &candle_core::Device) -> Result<Tensor> {
 /// (heads side by side), as nanoGPT's `CausalSelfAttention` between its two linear layers. On
 /// other devices it is composed, with `mask` (of [`causal_mask`], built here when `None`).
 pub fn causal_self_attention(qkv: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
-    if qkv.device().is_cpu() && qkv.dtype() == candle_core::DType::F32 {
+    if on_fused_path(qkv) {
         return qkv.contiguous()?.apply_op1(CausalAttention { heads, block: ATTENTION_ROW_BLOCK });
     }
     match mask {

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{f32_slice, Result};
+use super::{f32_slice, on_fused_path, Result};
 
 const BN_EPS: f32 = 1e-5;
 
@@ -147,7 +147,7 @@ impl CustomOp2 for BatchNormBackward {
 /// output, the batch's per-channel (mean, biased variance) when the fused kernel computed them
 /// (f32 on the CPU; None elsewhere: compute them from x).
 pub fn batch_norm_train(x: &Tensor, gamma: &Tensor) -> Result<(Tensor, Option<ChannelMoments>)> {
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+    if on_fused_path(x) {
         let moments = Moments::default();
         let y = x.contiguous()?.apply_op2(&gamma.contiguous()?, BatchNormOp { moments: moments.clone() })?;
         let taken = moments.lock().expect("moments").take();

@@ -14,7 +14,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{f32_slice, par_collect, Result};
+use super::{f32_slice, on_fused_path, par_collect, Result};
 
 /// (images, channels, positions per plane) of an NCHW tensor with a (C) bias.
 fn dims(x: &Layout, channels: usize) -> Result<(usize, usize, usize)> {
@@ -86,7 +86,7 @@ pub(super) fn channel_sum(grad: &Tensor, channels: usize) -> Result<Tensor> {
 /// x + b broadcast over channels, x of shape (N, C, H, W) and b of shape (C): the fused kernel
 /// for f32 on the CPU, candle's `broadcast_add` elsewhere.
 pub fn add_channel_bias(x: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && b.dtype() == candle_core::DType::F32 {
+    if on_fused_path(x) && b.dtype() == candle_core::DType::F32 {
         x.contiguous()?.apply_op2(&b.contiguous()?, ChannelBias)
     } else {
         x.broadcast_add(&b.reshape((1, (), 1, 1))?)
@@ -96,11 +96,8 @@ pub fn add_channel_bias(x: &Tensor, b: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::ops::testing::bits;
     use candle_core::{Device, Var};
-
-    fn bits(t: &Tensor) -> Vec<u32> {
-        t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
-    }
 
     #[test]
     fn channel_bias_forward_and_gradients_are_candles_broadcast_add_bit_for_bit() {

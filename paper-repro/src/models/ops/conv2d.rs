@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use super::channel_bias::channel_sum;
 use super::gemm::gemm_into;
-use super::{f32_slice, Result};
+use super::{f32_slice, on_fused_path, Result};
 
 /// Geometry of a convolution.
 #[derive(Clone, Copy, Debug)]
@@ -287,7 +287,7 @@ impl CustomOp2 for Conv2dBackward {
 /// 2-D convolution (NCHW input, (O, C, k, k) kernel, optional (O) bias), square stride and zero
 /// padding.
 pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad: usize) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+    if on_fused_path(x) {
         let (x, w) = (x.contiguous()?, w.contiguous()?);
         match bias {
             Some(b) => x.apply_op3(&w, &b.contiguous()?, Conv2dBiasOp { stride, pad }),
@@ -305,7 +305,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::ops::testing::grads_match;
+    use crate::models::ops::testing::{bits, grads_match};
     use candle_core::{Device, Var};
 
     /// im2col and col2im tap by tap, as the runs must reproduce them.
@@ -383,9 +383,6 @@ mod tests {
     #[test]
     fn conv2d_with_bias_is_the_convolution_then_the_bias_bit_for_bit_with_or_without_dx() {
         let dev = Device::Cpu;
-        let bits = |t: &Tensor| -> Vec<u32> {
-            t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
-        };
         for (stride, pad, k, c) in [(1, 1, 3, 1), (2, 1, 3, 3)] {
             let x0 = Tensor::randn(0f32, 1.0, (9, c, 8, 7), &dev).unwrap();
             let w = Var::from_tensor(&Tensor::randn(0f32, 0.3, (5, c, k, k), &dev).unwrap()).unwrap();

@@ -4,7 +4,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::softmax::exp_nonpositive;
-use super::{f32_slice, Result};
+use super::{f32_slice, on_fused_path, Result};
 
 struct Gelu;
 
@@ -67,7 +67,7 @@ impl CustomOp2 for GeluBackward {
 
 /// The exact GELU, x·Φ(x).
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+    if on_fused_path(x) {
         x.contiguous()?.apply_op1(Gelu)
     } else {
         x.gelu_erf()

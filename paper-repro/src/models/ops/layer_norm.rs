@@ -4,7 +4,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{f32_slice, Result, ROWS_PER_TASK};
+use super::{f32_slice, on_fused_path, Result, ROWS_PER_TASK};
 
 const LN_EPS: f32 = 1e-5;
 
@@ -108,7 +108,7 @@ impl CustomOp2 for LayerNormBackward {
 
 /// LayerNorm over the last axis with gain `w` (ε = 1e-5); add a bias separately.
 pub fn layer_norm(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+    if on_fused_path(x) {
         x.contiguous()?.apply_op2(w, LayerNormOp)
     } else {
         let mean = x.mean_keepdim(D::Minus1)?;

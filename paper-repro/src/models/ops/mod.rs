@@ -67,6 +67,12 @@ pub fn init_compute_threads() {
     let _ = rayon::ThreadPoolBuilder::new().start_handler(|_| flush_subnormals_on_this_thread()).build_global();
 }
 
+/// Whether the fused kernels serve `t`: f32 on the CPU. Every public operator here takes its
+/// composed candle fallback otherwise.
+pub(crate) fn on_fused_path(t: &candle_core::Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == candle_core::DType::F32
+}
+
 pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     let data = s.as_slice::<f32>()?;
     match l.contiguous_offsets() {
@@ -117,6 +123,11 @@ pub(crate) const ROWS_PER_TASK: usize = 64;
 #[cfg(test)]
 pub(crate) mod testing {
     use candle_core::{Device, Tensor, Var};
+
+    /// A tensor's f32 values as bit patterns, for bit-for-bit comparisons (−0 ≠ +0, NaN = NaN).
+    pub(crate) fn bits(t: &Tensor) -> Vec<u32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+    }
 
     pub(crate) fn close(a: &Tensor, b: &Tensor, tol: f32) {
         let (a, b) =
@@ -193,7 +204,6 @@ mod patched_candle {
         let x = Var::from_tensor(&Tensor::new(&[1f32, 2.0], &dev).unwrap()).unwrap();
         let w = Tensor::new(&[-0.0f32, -3.0], &dev).unwrap();
         let grads = (x.as_tensor() * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        let g = grads.get(x.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
-        assert_eq!(g.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), [0f32.to_bits(), (-3f32).to_bits()]);
+        assert_eq!(super::testing::bits(grads.get(x.as_tensor()).unwrap()), [0f32.to_bits(), (-3f32).to_bits()]);
     }
 }

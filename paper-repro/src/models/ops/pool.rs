@@ -16,7 +16,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{f32_slice, par_collect, Result};
+use super::{f32_slice, on_fused_path, par_collect, Result};
 
 /// Planes per rayon task.
 const PLANES_PER_TASK: usize = 8;
@@ -115,7 +115,7 @@ impl CustomOp2 for MaxPool2x2Backward {
 /// 2×2 max pooling with stride 2 (an NCHW tensor): the fused kernel for f32 on the CPU,
 /// [`composed_max_pool2x2`] elsewhere.
 pub fn max_pool2x2(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+    if on_fused_path(x) {
         x.contiguous()?.apply_op1(MaxPool2x2)
     } else {
         composed_max_pool2x2(x)
@@ -140,11 +140,8 @@ pub fn composed_max_pool2x2(x: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::ops::testing::bits;
     use candle_core::{Device, Var};
-
-    fn bits(t: &Tensor) -> Vec<u32> {
-        t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
-    }
 
     /// The gradient the convention defines, element by element: the first maximum of each
     /// window (scan order) receives the window's output gradient.

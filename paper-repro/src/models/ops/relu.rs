@@ -8,7 +8,7 @@
 //! shows at exact zeros), a NaN input passes no gradient, and a negative gradient times 0 keeps
 //! its −0, as candle's product does.
 
-use super::{f32_slice, par_collect, Result};
+use super::{f32_slice, on_fused_path, par_collect, Result};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 
 /// Elements per rayon task.
@@ -55,7 +55,7 @@ impl CustomOp2 for ReluBackward {
 
 /// max(x, 0): the fused kernel for f32 on the CPU, candle's `relu` elsewhere.
 pub fn relu(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+    if on_fused_path(x) {
         x.contiguous()?.apply_op1(Relu)
     } else {
         x.relu()
@@ -65,11 +65,8 @@ pub fn relu(x: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::ops::testing::bits;
     use candle_core::{Device, Var};
-
-    fn bits(t: &Tensor) -> Vec<u32> {
-        t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
-    }
 
     #[test]
     fn relu_forward_and_gradient_are_candles_bit_for_bit() {

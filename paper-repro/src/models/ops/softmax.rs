@@ -4,7 +4,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{f32_slice, Result, ROWS_PER_TASK};
+use super::{f32_slice, on_fused_path, Result, ROWS_PER_TASK};
 
 /// softmax(scale·x + causal mask) over the last axis of x (…, T, T): row i keeps columns j ≤ i.
 struct CausalSoftmax {
@@ -71,7 +71,7 @@ impl CustomOp2 for SoftmaxBackward {
 
 /// softmax(scale·x + causal mask) over the last axis of (…, T, T).
 pub fn causal_softmax(x: &Tensor, scale: f64, mask: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+    if on_fused_path(x) {
         x.contiguous()?.apply_op1(CausalSoftmax { scale: scale as f32 })
     } else {
         candle_nn::ops::softmax(&(x * scale)?.broadcast_add(mask)?, D::Minus1)
