@@ -191,19 +191,68 @@ mod tests {
     }
 }
 
-/// The vendored candle-core's change (paper-repro/vendor/README.md) keeps candle's arithmetic.
+/// The vendored candle-core's change (paper-repro/vendor/README.md): a node's first gradient is
+/// the gradient as it comes, not 0 + g in a fresh buffer.
 #[cfg(test)]
 mod patched_candle {
-    use candle_core::{Device, Tensor, Var};
+    use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor, Var};
+
+    use super::testing::bits;
 
     #[test]
-    fn a_first_gradient_is_still_zero_plus_g_so_a_negative_zero_comes_out_positive() {
-        // d(Σ x·w)/dx = w: the product rule gives 1·(−0) = −0, which candle's zero-filled buffer
-        // turned into 0 + (−0) = +0. Inserting g as it comes would keep −0 and change bits.
+    fn a_first_gradient_is_g_itself_so_a_negative_zero_stays_negative() {
+        // d(Σ x·w)/dx = w: the product rule gives 1·(−0) = −0, which upstream candle's
+        // zero-filled buffer turned into 0 + (−0) = +0. The only value the change can alter.
         let dev = Device::Cpu;
         let x = Var::from_tensor(&Tensor::new(&[1f32, 2.0], &dev).unwrap()).unwrap();
         let w = Tensor::new(&[-0.0f32, -3.0], &dev).unwrap();
         let grads = (x.as_tensor() * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        assert_eq!(super::testing::bits(grads.get(x.as_tensor()).unwrap()), [0f32.to_bits(), (-3f32).to_bits()]);
+        assert_eq!(bits(grads.get(x.as_tensor()).unwrap()), [(-0f32).to_bits(), (-3f32).to_bits()]);
+    }
+
+    #[test]
+    fn later_gradients_are_added_and_a_strided_first_one_is_made_contiguous() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 4), &dev).unwrap()).unwrap();
+        let (a, b) = (Tensor::randn(0f32, 1.0, (4, 3), &dev).unwrap(), Tensor::randn(0f32, 1.0, (3, 4), &dev).unwrap());
+        // x reaches the loss twice, once through a transpose (its gradient arrives strided).
+        let loss = ((x.as_tensor().t().unwrap() * &a).unwrap().sum_all().unwrap()
+            + (x.as_tensor() * &b).unwrap().sum_all().unwrap())
+        .unwrap();
+        let grads = loss.backward().unwrap();
+        let g = grads.get(x.as_tensor()).unwrap();
+        assert!(g.is_contiguous());
+        // The same sum as candle's add of the two contributions, in the order backward meets them.
+        let want = (a.t().unwrap().contiguous().unwrap() + &b).unwrap();
+        let other = (&b + a.t().unwrap().contiguous().unwrap()).unwrap();
+        assert!(bits(g) == bits(&want) || bits(g) == bits(&other));
+        // Through the transpose alone: the strided gradient, materialized in x's order.
+        let only = (x.as_tensor().t().unwrap() * &a).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = only.get(x.as_tensor()).unwrap();
+        assert!(g.is_contiguous());
+        assert_eq!(bits(g), bits(&a.t().unwrap().contiguous().unwrap()));
+    }
+
+    /// An operator whose backward returns a gradient of the wrong shape.
+    struct WrongShapeGradient;
+    impl CustomOp1 for WrongShapeGradient {
+        fn name(&self) -> &'static str {
+            "wrong-shape-gradient"
+        }
+        fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+            Ok((s.clone(), l.shape().clone()))
+        }
+        fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+            Ok(Some(grad.flatten_all()?))
+        }
+    }
+
+    #[test]
+    fn a_first_gradient_of_the_wrong_shape_is_refused_as_the_add_refused_it() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::zeros((2, 3), candle_core::DType::F32, &dev).unwrap()).unwrap();
+        let y = x.as_tensor().apply_op1(WrongShapeGradient).unwrap();
+        let e = y.sum_all().unwrap().backward().unwrap_err();
+        assert!(e.to_string().contains("shape mismatch in add"), "{e}");
     }
 }
