@@ -2,9 +2,11 @@
 //! CPU-tier models, with Adam and with MADA (all six coefficients learned), and where the time
 //! goes. Printed lines include `baby-gpt tokens/s (adam): X`, `baby-gpt tokens/s (mada): X`,
 //! `cnn images/s (adam): X`, … and, when a Python with torch is found (`MADA_TORCH_PYTHON`, else
-//! `python3`), the same models' steps in PyTorch on the same threads, timed in the same run, as
-//! `baby-gpt ours/pytorch: R`, `cnn ours/pytorch: R`, `resnet ours/pytorch: R` (ours with Adam).
-//! The PyTorch scripts are `paper-repro/bench/*.py`, embedded in the binary.
+//! `python3`), the same models' steps in PyTorch on the same threads, timed in the same run in
+//! `--rounds` alternating pairs (ours, then PyTorch's right after), as `baby-gpt ours/pytorch: R`,
+//! `cnn ours/pytorch: R`, `resnet ours/pytorch: R` (ours with Adam; R the median of the pairs'
+//! ratios, each pair's ratio on the line below it). The PyTorch scripts are
+//! `paper-repro/bench/*.py`, embedded in the binary.
 
 use std::path::Path;
 
@@ -178,9 +180,43 @@ fn pytorch_rate(python: &str, scratch: &Path, script: &str, args: &[&str], key: 
         .with_context(|| format!("no `{key}` line in the PyTorch benchmark's output: {text}"))
 }
 
+/// Ours against PyTorch in `rounds` alternating pairs: per round, ours and then PyTorch's step
+/// right after it, so the host's drift (up to 2× over minutes on a shared machine, ±20% within
+/// one) falls between the two of a pair as little as it can. `ours()` and `theirs()` each give
+/// one measurement (items/s); the result holds the per-round pairs.
+fn paired(
+    rounds: usize,
+    mut ours: impl FnMut() -> Result<f64>,
+    mut theirs: impl FnMut() -> Result<f64>,
+) -> Result<Vec<(f64, f64)>> {
+    (0..rounds.max(1)).map(|_| Ok((ours()?, theirs()?))).collect()
+}
+
+/// The median of `v` (the upper one of an even count).
+fn median_of(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Print ours (and PyTorch's, with the ratio, when there are pairs) for one model with Adam: the
+/// ratio is the median of the rounds' own ratios (matched pairs), not a ratio of medians.
+fn print_versus(model_name: &str, unit: &str, pairs: &[(f64, f64)], ours_alone: Option<f64>) {
+    match ours_alone {
+        Some(ours) => println!("{model_name} {unit} (adam): {ours:.0}"),
+        None => {
+            println!("{model_name} {unit} (adam): {:.0}", median_of(pairs.iter().map(|p| p.0).collect()));
+            println!("{model_name} pytorch: {:.0}", median_of(pairs.iter().map(|p| p.1).collect()));
+            println!("{model_name} ours/pytorch: {:.2}", median_of(pairs.iter().map(|p| p.0 / p.1).collect()));
+            let each: Vec<String> = pairs.iter().map(|p| format!("{:.2}", p.0 / p.1)).collect();
+            println!("  {} rounds, ours then pytorch: ratios {}", pairs.len(), each.join(", "));
+        }
+    }
+}
+
 /// Run the benchmark of the `models` (all three when empty); `scratch` is a folder for the
-/// benchmark's corpus and images.
-pub fn run(scratch: &Path, steps: u64, models: &[BenchModel]) -> Result<()> {
+/// benchmark's corpus and images. With PyTorch, Adam's step is timed against PyTorch's in
+/// `rounds` alternating pairs.
+pub fn run(scratch: &Path, steps: u64, rounds: usize, models: &[BenchModel]) -> Result<()> {
     let wanted = |m: BenchModel| models.is_empty() || models.contains(&m);
     let threads = rayon::current_num_threads();
     println!("training-step benchmark: {threads} threads, median of {steps} updates");
@@ -190,30 +226,51 @@ pub fn run(scratch: &Path, steps: u64, models: &[BenchModel]) -> Result<()> {
         println!("pytorch: not importable (set MADA_TORCH_PYTHON to a Python with torch); no ratios");
     }
     let steps_arg = steps.max(3).to_string();
-    // PyTorch's step right after ours with Adam, so that the machine's drift (±20% over minutes
-    // on a shared host) falls between the two as little as it can.
-    let versus_pytorch = |model_name: &str, ours: f64| -> Result<()> {
-        let Some(python) = &python else { return Ok(()) };
-        let theirs = match model_name {
-            "baby-gpt" => {
-                pytorch_rate(python, scratch, PYTORCH_BABY_GPT, &["8", &steps_arg], "tokens/s (adamw)", threads)?
-            }
-            m => pytorch_rate(python, scratch, PYTORCH_VISION, &[m, "128", &steps_arg], "images/s (adam)", threads)?,
+    // Adam's line for one model: ours alone, or paired with PyTorch's in rounds.
+    let adam = |model_name: &str, unit: &str, spec: &RunSpec| -> Result<(f64, f64)> {
+        let mut detail = (0.0, 0.0);
+        let mut ours = || {
+            let (ips, model, optim) = measure(spec, steps)?;
+            detail = (model, optim);
+            Ok(ips)
         };
-        println!("{model_name} pytorch: {theirs:.0}");
-        println!("{model_name} ours/pytorch: {:.2}", ours / theirs);
-        Ok(())
+        match &python {
+            None => {
+                let ips = ours()?;
+                print_versus(model_name, unit, &[], Some(ips));
+            }
+            Some(python) => {
+                let theirs = || match model_name {
+                    "baby-gpt" => {
+                        pytorch_rate(python, scratch, PYTORCH_BABY_GPT, &["8", &steps_arg], "tokens/s (adamw)", threads)
+                    }
+                    m => pytorch_rate(
+                        python,
+                        scratch,
+                        PYTORCH_VISION,
+                        &[m, "128", &steps_arg],
+                        "images/s (adam)",
+                        threads,
+                    ),
+                };
+                let pairs = paired(rounds, ours, theirs)?;
+                print_versus(model_name, unit, &pairs, None);
+            }
+        }
+        Ok(detail)
     };
     if wanted(BenchModel::BabyGpt) {
         let baby = baby_gpt_task(scratch)?;
         for (name, opt) in [("adam", ADAM), ("mada", MADA)] {
             let spec = base(baby.clone(), opt, 8);
-            let (tps, model, optim) = measure(&spec, steps)?;
-            println!("baby-gpt tokens/s ({name}): {tps:.0}");
+            let (model, optim) = if name == "adam" {
+                adam("baby-gpt", "tokens/s", &spec)?
+            } else {
+                let (tps, model, optim) = measure(&spec, steps)?;
+                println!("baby-gpt tokens/s ({name}): {tps:.0}");
+                (model, optim)
+            };
             println!("  batch 8 × 256 tokens: forward+backward {:.0} ms, optimizer (hyper-gradient, clip, decay, update) {:.1} ms", model * 1e3, optim * 1e3);
-            if name == "adam" {
-                versus_pytorch("baby-gpt", tps)?;
-            }
         }
     }
     let fashion = scratch.join("fashion-mnist-mini");
@@ -233,12 +290,15 @@ pub fn run(scratch: &Path, steps: u64, models: &[BenchModel]) -> Result<()> {
                 train_subset: 0,
                 test_subset: 0,
             };
-            let (ips, m, o) = measure(&base(task, opt, 128), steps)?;
-            println!("{model_name} images/s ({name}): {ips:.0}");
+            let spec = base(task, opt, 128);
+            let (m, o) = if name == "adam" {
+                adam(model_name, "images/s", &spec)?
+            } else {
+                let (ips, m, o) = measure(&spec, steps)?;
+                println!("{model_name} images/s ({name}): {ips:.0}");
+                (m, o)
+            };
             println!("  batch 128: forward+backward {:.0} ms, optimizer {:.1} ms", m * 1e3, o * 1e3);
-            if name == "adam" {
-                versus_pytorch(model_name, ips)?;
-            }
         }
     }
     Ok(())
@@ -322,4 +382,28 @@ pub fn data_parallel_worker(spec_file: &Path, steps: u64) -> Result<()> {
         println!("worker tokens/s: {rate}\nworker all-reduce s: {reduce_s}\nworker update s: {update_s}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ratio_is_the_median_of_the_rounds_own_ratios() {
+        // A host that slows down 2× between rounds 1 and 2: each pair still reads 0.5, while the
+        // ratio of the medians (ours 20 against theirs 40... of different rounds) need not.
+        let (mut o, mut t) = (vec![10.0, 20.0, 30.0].into_iter(), vec![20.0, 40.0, 60.0].into_iter());
+        let pairs = paired(3, || Ok(o.next().unwrap()), || Ok(t.next().unwrap())).unwrap();
+        assert_eq!(pairs, [(10.0, 20.0), (20.0, 40.0), (30.0, 60.0)]);
+        assert_eq!(median_of(pairs.iter().map(|p| p.0 / p.1).collect()), 0.5);
+        // Ours, theirs, ours, theirs: the calls alternate.
+        let order = std::cell::RefCell::new(String::new());
+        let step = |c: char| {
+            order.borrow_mut().push(c);
+            Ok(1.0)
+        };
+        paired(2, || step('o'), || step('t')).unwrap();
+        assert_eq!(order.into_inner(), "otot");
+        assert_eq!(median_of(vec![3.0, 1.0, 2.0, 10.0]), 3.0);
+    }
 }

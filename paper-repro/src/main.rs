@@ -144,6 +144,10 @@ enum Command {
     Bench {
         #[arg(long, default_value_t = 5)]
         steps: u64,
+        /// Alternating pairs of ours and PyTorch's Adam step per model; the printed ratio is the
+        /// median of the pairs' ratios.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
+        rounds: u64,
         /// Only these models (repeat the flag for several; default: all three).
         #[arg(long = "model", value_enum)]
         models: Vec<paper_repro::bench::BenchModel>,
@@ -424,7 +428,9 @@ fn run(cli: Cli) -> Result<()> {
                 &LaunchOptions { resume, auto, pause_after, progress_lines },
             )
         }
-        Command::Bench { steps, models } => in_scratch("bench", |dir| paper_repro::bench::run(dir, steps, &models)),
+        Command::Bench { steps, rounds, models } => {
+            in_scratch("bench", |dir| paper_repro::bench::run(dir, steps, rounds as usize, &models))
+        }
         Command::BenchDp { steps } => in_scratch("bench-dp", |dir| paper_repro::bench::data_parallel(dir, steps)),
         #[cfg(feature = "mpi")]
         Command::BenchDpWorker { spec, steps } => paper_repro::bench::data_parallel_worker(&spec, steps),

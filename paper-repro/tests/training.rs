@@ -303,6 +303,44 @@ fn per_rank_clipping_clips_each_rank_before_the_average() {
 }
 
 #[test]
+fn bench_pairs_ours_with_pytorch_round_by_round_and_prints_the_median_ratio() {
+    // A stand-in for a Python with torch: it imports "torch" and reports a fixed rate, so the
+    // pairing and the printed lines are checked without PyTorch installed.
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let python = dir.path().join("python");
+    std::fs::write(&python, "#!/bin/sh\nif [ \"$1\" = -c ]; then exit 0; fi\necho 'images/s (adam): 1000'\n").unwrap();
+    std::fs::set_permissions(&python, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_paper-repro"))
+        .args(["bench", "--model", "cnn", "--steps", "1", "--rounds", "2"])
+        .env("MADA_TORCH_PYTHON", &python)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let value = |key: &str| -> f64 {
+        let line = text.lines().find(|l| l.starts_with(key)).unwrap_or_else(|| panic!("no {key:?} in:\n{text}"));
+        line[key.len()..].trim().parse().unwrap()
+    };
+    assert_eq!(value("cnn pytorch:"), 1000.0);
+    // Two pairs whose ratios are ours/1000: the printed ratio is their median (the upper one).
+    let ratios: Vec<f64> = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("2 rounds, ours then pytorch: ratios "))
+        .unwrap_or_else(|| panic!("no rounds line in:\n{text}"))
+        .split(", ")
+        .map(|r| r.parse().unwrap())
+        .collect();
+    assert_eq!(ratios.len(), 2);
+    assert_eq!(value("cnn ours/pytorch:"), ratios.iter().copied().fold(f64::MIN, f64::max));
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_paper-repro"))
+        .args(["bench", "--rounds", "0"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+}
+
+#[test]
 fn bench_times_the_models_asked_for_and_only_those() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_paper-repro"))
         .args(["bench", "--model", "cnn", "--steps", "1"])
