@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{f32_slice, on_fused_path, Result};
+use super::{f32_slice, on_fused_path, par_collect, Result};
 
 const BN_EPS: f32 = 1e-5;
 
@@ -32,8 +32,11 @@ fn channel_moments(x: &[f32], n: usize, c: usize, hw: usize) -> ChannelMoments {
         .collect()
 }
 
+/// Per channel: (mean, 1/√(var + ε)).
+type ChannelStats = Vec<(f32, f32)>;
+
 /// Per channel: the mean and 1/√(var + ε), from the moments.
-fn channel_stats(moments: &[(f32, f32)]) -> Vec<(f32, f32)> {
+fn channel_stats(moments: &[(f32, f32)]) -> ChannelStats {
     moments.iter().map(|&(mean, var)| (mean, 1.0 / (var + BN_EPS).sqrt())).collect()
 }
 
@@ -47,6 +50,9 @@ type Moments = Arc<Mutex<Option<ChannelMoments>>>;
 /// moments in `moments`, so the caller's running statistics need no second pass.
 struct BatchNormOp {
     moments: Moments,
+    /// The forward's per-channel (mean, 1/√(var + ε)), for the backward: the same numbers its
+    /// recomputation from x would give, without two more passes over x.
+    stats: Mutex<Option<ChannelStats>>,
 }
 
 impl CustomOp2 for BatchNormOp {
@@ -61,15 +67,13 @@ impl CustomOp2 for BatchNormOp {
         let moments = channel_moments(x, n, c, hw);
         let stats = channel_stats(&moments);
         *self.moments.lock().expect("moments") = Some(moments);
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(hw).zip(x.par_chunks(hw)).enumerate().for_each(|(plane, (o, xp))| {
+        let out = par_collect(x.len(), hw, |plane| {
             let ch = plane % c;
             let (mean, rstd) = stats[ch];
             let scale = rstd * gamma[ch];
-            for (ov, &xv) in o.iter_mut().zip(xp) {
-                *ov = (xv - mean) * scale;
-            }
-        });
+            x[plane * hw..][..hw].iter().map(move |&xv| (xv - mean) * scale)
+        })?;
+        *self.stats.lock().expect("stats") = Some(stats);
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
 
@@ -80,8 +84,9 @@ impl CustomOp2 for BatchNormOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let packed =
-            x.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &BatchNormBackward { gamma: gamma.contiguous()? })?;
+        let stats = self.stats.lock().expect("stats").clone();
+        let op = BatchNormBackward { gamma: gamma.contiguous()?, stats };
+        let packed = x.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &op)?;
         let (nx, c) = (x.elem_count(), gamma.elem_count());
         Ok((Some(packed.narrow(0, 0, nx)?.reshape(x.shape())?), Some(packed.narrow(0, nx, c)?)))
     }
@@ -91,6 +96,8 @@ impl CustomOp2 for BatchNormOp {
 /// dx = γ·rstd·(dy − mean(dy) − x̂·mean(dy·x̂)), dγ = Σ dy·x̂.
 struct BatchNormBackward {
     gamma: Tensor,
+    /// The forward's statistics (None: recompute them from x).
+    stats: Option<ChannelStats>,
 }
 
 impl CustomOp2 for BatchNormBackward {
@@ -106,7 +113,10 @@ impl CustomOp2 for BatchNormBackward {
         let (x, dy, gamma) = (f32_slice(xs, xl)?, f32_slice(gs, gl)?, f32_slice(gcpu, gml)?);
         let &[n, c, h, w] = xl.dims() else { candle_core::bail!("batch-norm expects NCHW") };
         let hw = h * w;
-        let stats = channel_stats(&channel_moments(x, n, c, hw));
+        let stats = match &self.stats {
+            Some(s) if s.len() == c => s.clone(),
+            _ => channel_stats(&channel_moments(x, n, c, hw)),
+        };
         // Per channel: Σ dy and Σ dy·x̂.
         let sums: Vec<(f64, f64)> = (0..c)
             .into_par_iter()
@@ -124,21 +134,25 @@ impl CustomOp2 for BatchNormBackward {
             })
             .collect();
         let m = (n * hw) as f64;
-        let mut out = vec![0f32; x.len() + c];
-        let (dx, dgamma) = out.split_at_mut(x.len());
-        dx.par_chunks_mut(hw).enumerate().for_each(|(plane, d)| {
-            let ch = plane % c;
-            let (mean, rstd) = stats[ch];
-            let (mdy, mdyx) = ((sums[ch].0 / m) as f32, (sums[ch].1 / m) as f32);
-            let base = plane * hw;
-            for (j, dv) in d.iter_mut().enumerate() {
-                let xhat = (x[base + j] - mean) * rstd;
-                *dv = gamma[ch] * rstd * (dy[base + j] - mdy - xhat * mdyx);
-            }
-        });
-        for (dg, s) in dgamma.iter_mut().zip(&sums) {
-            *dg = s.1 as f32;
-        }
+        // [dx | dγ] in chunks of one plane: the first n·c chunks are dx's planes, the ones after
+        // them hold dγ.
+        let planes = n * c;
+        let (stats, sums) = (&stats, &sums);
+        let out = par_collect(x.len() + c, hw, |chunk| {
+            let dx_plane = (chunk < planes).then(|| {
+                let ch = chunk % c;
+                let (mean, rstd) = stats[ch];
+                let (mdy, mdyx) = ((sums[ch].0 / m) as f32, (sums[ch].1 / m) as f32);
+                let base = chunk * hw;
+                (0..hw).map(move |j| {
+                    let xhat = (x[base + j] - mean) * rstd;
+                    gamma[ch] * rstd * (dy[base + j] - mdy - xhat * mdyx)
+                })
+            });
+            let dgamma =
+                (chunk >= planes).then(|| sums.iter().skip((chunk - planes) * hw).take(hw).map(|s| s.1 as f32));
+            dx_plane.into_iter().flatten().chain(dgamma.into_iter().flatten())
+        })?;
         Ok((CpuStorage::F32(out), Shape::from(x.len() + c)))
     }
 }
@@ -149,7 +163,8 @@ impl CustomOp2 for BatchNormBackward {
 pub fn batch_norm_train(x: &Tensor, gamma: &Tensor) -> Result<(Tensor, Option<ChannelMoments>)> {
     if on_fused_path(x) {
         let moments = Moments::default();
-        let y = x.contiguous()?.apply_op2(&gamma.contiguous()?, BatchNormOp { moments: moments.clone() })?;
+        let op = BatchNormOp { moments: moments.clone(), stats: Default::default() };
+        let y = x.contiguous()?.apply_op2(&gamma.contiguous()?, op)?;
         let taken = moments.lock().expect("moments").take();
         Ok((y, taken))
     } else {
@@ -183,6 +198,28 @@ mod tests {
                 .unwrap()
         };
         grads_match(|x, g| batch_norm_train(x, g).unwrap().0, reference, &[6, 4, 5, 3], &[4]);
+    }
+
+    #[test]
+    fn the_backward_from_the_forwards_statistics_equals_the_one_that_recomputes_them_bit_for_bit() {
+        use crate::models::ops::testing::bits;
+        let dev = candle_core::Device::Cpu;
+        // 7×7 planes of 64 channels: dγ (64 values) spans two 49-element chunks of the output.
+        for (n, c, h, w) in [(5, 3, 4, 6), (3, 64, 7, 7)] {
+            let x = candle_core::Var::from_tensor(
+                &Tensor::randn(0f32, 1.0, (n, c, h, w), &dev).unwrap().affine(2.0, 0.5).unwrap(),
+            )
+            .unwrap();
+            let gamma = candle_core::Var::from_tensor(&Tensor::randn(1f32, 0.2, c, &dev).unwrap()).unwrap();
+            let (y, _) = batch_norm_train(x.as_tensor(), gamma.as_tensor()).unwrap();
+            let r = Tensor::randn(0f32, 1.0, y.shape(), &dev).unwrap();
+            let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let recomputed = BatchNormBackward { gamma: gamma.as_tensor().clone(), stats: None };
+            let packed = x.as_tensor().apply_op2_no_bwd(&r, &recomputed).unwrap();
+            let nx = n * c * h * w;
+            assert_eq!(bits(g.get(x.as_tensor()).unwrap()), bits(&packed.narrow(0, 0, nx).unwrap()));
+            assert_eq!(bits(g.get(gamma.as_tensor()).unwrap()), bits(&packed.narrow(0, nx, c).unwrap()));
+        }
     }
 
     #[test]
