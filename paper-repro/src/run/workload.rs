@@ -134,6 +134,10 @@ fn check_memory(needed: f64, what: &str, device: &Device) -> Result<()> {
     Ok(())
 }
 
+/// Images per forward pass in a vision evaluation (its chunks of 500 are scored whole): the
+/// activations held at once are those of 100 images, below a training batch of 128.
+const EVAL_FORWARD_SLICE: usize = 100;
+
 impl Workload {
     /// The model and data of `spec`, every size checked before the model is allocated.
     pub fn build(spec: &RunSpec) -> Result<Self> {
@@ -306,7 +310,7 @@ impl Workload {
                 let all: Vec<usize> = (0..test.len()).collect();
                 for chunk in all.chunks(500) {
                     let (x, y) = test.batch(chunk, stats, None, device)?;
-                    let (l, c) = model.loss_and_correct(&x, &y, false)?;
+                    let (l, c) = model.eval_loss_and_correct(&x, &y, EVAL_FORWARD_SLICE)?;
                     loss += l.to_scalar::<f32>()? as f64 * chunk.len() as f64;
                     correct += c;
                 }
