@@ -341,11 +341,20 @@ fn train_mpi(spec: &RunSpec, out: &Path, opts: &TrainOptions<'_>, bar: &Progress
     }
     match paper_repro::run::train_with(spec, out, opts, Box::new(world)) {
         Ok(o) => Ok((process == 0).then_some(o)),
+        // A failure every process found alike: rank 0 reports it, and the others exit only after
+        // it has (mpirun ends the job as soon as one process exits non-zero, and could end rank
+        // 0 before it had printed).
         Err(e) if is_shared_failure(&e) && process != 0 => {
+            mpi.world().barrier()?;
             drop(mpi);
             exit_as_rank_0_does(&e)
         }
-        Err(e) if is_shared_failure(&e) => Err(e),
+        Err(e) if is_shared_failure(&e) => {
+            eprintln!("error: {e:#}");
+            mpi.world().barrier()?;
+            drop(mpi);
+            exit_as_rank_0_does(&e)
+        }
         Err(e) => {
             eprintln!("error (process {process} of {processes}): {e:#}");
             mpi.abort(1)
@@ -353,7 +362,7 @@ fn train_mpi(spec: &RunSpec, out: &Path, opts: &TrainOptions<'_>, bar: &Progress
     }
 }
 
-/// A shared failure on a process other than rank 0: exit quietly with the code rank 0 exits with.
+/// A shared failure, reported by rank 0: exit (quietly) with its code.
 #[cfg(any(feature = "mpi", feature = "nccl"))]
 fn exit_as_rank_0_does(e: &anyhow::Error) -> ! {
     std::process::exit(i32::from(exit_code(e)))
