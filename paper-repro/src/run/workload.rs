@@ -134,10 +134,6 @@ fn check_memory(needed: f64, what: &str, device: &Device) -> Result<()> {
     Ok(())
 }
 
-/// Images per forward pass in a vision evaluation (its chunks of 500 are scored whole): the
-/// activations held at once are those of 100 images, below a training batch of 128.
-const EVAL_FORWARD_SLICE: usize = 100;
-
 impl Workload {
     /// The model and data of `spec`, every size checked before the model is allocated.
     pub fn build(spec: &RunSpec) -> Result<Self> {
@@ -293,7 +289,16 @@ impl Workload {
 
     /// Evaluation metrics: LM — loss on the deterministic validation chunks and on as many
     /// fixed training windows; vision — test loss and accuracy (running batch-norm statistics).
+    ///
+    /// Without recording the graph ([`candle_core::backprop::no_grad`]): the parameters are
+    /// variables, so a recorded forward pass keeps every activation alive until its loss is
+    /// dropped — a vision chunk of 500 images held 4× a training batch's activations. The same
+    /// operations run, so the metrics are the same.
     pub(crate) fn evaluate(&self) -> Result<(f64, f64)> {
+        candle_core::backprop::no_grad(|| self.evaluate_recorded())
+    }
+
+    fn evaluate_recorded(&self) -> Result<(f64, f64)> {
         match self {
             Workload::Lm { model, corpus, eval_chunks, eval_batch, device, .. } => {
                 let block = model.config.block_size;
@@ -310,7 +315,7 @@ impl Workload {
                 let all: Vec<usize> = (0..test.len()).collect();
                 for chunk in all.chunks(500) {
                     let (x, y) = test.batch(chunk, stats, None, device)?;
-                    let (l, c) = model.eval_loss_and_correct(&x, &y, EVAL_FORWARD_SLICE)?;
+                    let (l, c) = model.loss_and_correct(&x, &y, false)?;
                     loss += l.to_scalar::<f32>()? as f64 * chunk.len() as f64;
                     correct += c;
                 }
@@ -321,6 +326,10 @@ impl Workload {
 
     /// LM only: the training-split loss on fixed windows (nanoGPT's `estimate_loss` "train").
     pub(crate) fn train_estimate(&self) -> Result<Option<f64>> {
+        candle_core::backprop::no_grad(|| self.train_estimate_recorded())
+    }
+
+    fn train_estimate_recorded(&self) -> Result<Option<f64>> {
         match self {
             Workload::Lm { model, corpus, eval_chunks, eval_batch, device, .. } => {
                 let block = model.config.block_size;

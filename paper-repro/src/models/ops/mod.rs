@@ -255,4 +255,22 @@ mod patched_candle {
         let e = y.sum_all().unwrap().backward().unwrap_err();
         assert!(e.to_string().contains("shape mismatch in add"), "{e}");
     }
+
+    #[test]
+    fn no_grad_records_nothing_nests_and_is_restored_after_a_panic() {
+        use candle_core::backprop::no_grad;
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::new(&[1f32, 2.0], &dev).unwrap()).unwrap();
+        let y = no_grad(|| {
+            let inner = no_grad(|| (x.as_tensor() * 2.0).unwrap());
+            // Still off after the nested call returns.
+            assert!(!inner.track_op());
+            (x.as_tensor() * 3.0).unwrap()
+        });
+        assert!(!y.track_op());
+        assert_eq!(bits(&y), bits(&(x.as_tensor() * 3.0).unwrap()));
+        let caught = std::panic::catch_unwind(|| no_grad(|| panic!("inside")));
+        assert!(caught.is_err());
+        assert!((x.as_tensor() * 2.0).unwrap().track_op(), "recording is back on");
+    }
 }

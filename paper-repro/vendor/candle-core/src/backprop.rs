@@ -3,6 +3,32 @@ use crate::op::{BinaryOp, Op, ReduceOp, UnaryOp};
 use crate::{Error, Result, Tensor, TensorId};
 use std::collections::{hash_map::Entry, HashMap};
 
+// Patched (paper-repro/vendor/README.md): `no_grad`, as PyTorch's `torch.no_grad()`.
+thread_local! {
+    static NOT_RECORDING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether operations on this thread are recorded for backpropagation (false inside
+/// [`no_grad`]).
+pub(crate) fn recording() -> bool {
+    !NOT_RECORDING.with(|c| c.get())
+}
+
+/// Patched: run `f` without recording its operations for backpropagation on this thread, as
+/// PyTorch's `torch.no_grad()`: the tensors it computes carry no graph, so the intermediate
+/// ones are freed as soon as they are used even when the inputs are variables. The values are
+/// those of the same operations outside it. Nests; restored on panic.
+pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            NOT_RECORDING.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(NOT_RECORDING.with(|c| c.replace(true)));
+    f()
+}
+
 // arg has been reduced to node via reduce_dims, expand it back to arg.
 // This has to handle keepdims.
 fn broadcast_back(arg: &Tensor, node: &Tensor, reduced_dims: &[usize]) -> Result<Tensor> {
