@@ -196,19 +196,14 @@ fn median_of(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Print ours (and PyTorch's, with the ratio, when there are pairs) for one model with Adam: the
-/// ratio is the median of the rounds' own ratios (matched pairs), not a ratio of medians.
-fn print_versus(model_name: &str, unit: &str, pairs: &[(f64, f64)], ours_alone: Option<f64>) {
-    match ours_alone {
-        Some(ours) => println!("{model_name} {unit} (adam): {ours:.0}"),
-        None => {
-            println!("{model_name} {unit} (adam): {:.0}", median_of(pairs.iter().map(|p| p.0).collect()));
-            println!("{model_name} pytorch: {:.0}", median_of(pairs.iter().map(|p| p.1).collect()));
-            println!("{model_name} ours/pytorch: {:.2}", median_of(pairs.iter().map(|p| p.0 / p.1).collect()));
-            let each: Vec<String> = pairs.iter().map(|p| format!("{:.2}", p.0 / p.1)).collect();
-            println!("  {} rounds, ours then pytorch: ratios {}", pairs.len(), each.join(", "));
-        }
-    }
+/// Print ours, PyTorch's and the ratio for one model with Adam: the ratio is the median of the
+/// rounds' own ratios (matched pairs), not a ratio of medians.
+fn print_versus(model_name: &str, unit: &str, pairs: &[(f64, f64)]) {
+    println!("{model_name} {unit} (adam): {:.0}", median_of(pairs.iter().map(|p| p.0).collect()));
+    println!("{model_name} pytorch: {:.0}", median_of(pairs.iter().map(|p| p.1).collect()));
+    println!("{model_name} ours/pytorch: {:.2}", median_of(pairs.iter().map(|p| p.0 / p.1).collect()));
+    let each: Vec<String> = pairs.iter().map(|p| format!("{:.2}", p.0 / p.1)).collect();
+    println!("  {} rounds, ours then pytorch: ratios {}", pairs.len(), each.join(", "));
 }
 
 /// Run the benchmark of the `models` (all three when empty); `scratch` is a folder for the
@@ -233,10 +228,7 @@ pub fn run(scratch: &Path, steps: u64, rounds: usize, models: &[BenchModel]) -> 
             Ok(ips)
         };
         match &python {
-            None => {
-                let ips = ours()?;
-                print_versus(model_name, unit, &[], Some(ips));
-            }
+            None => println!("{model_name} {unit} (adam): {:.0}", ours()?),
             Some(python) => {
                 let theirs = || match model_name {
                     "baby-gpt" => {
@@ -252,7 +244,7 @@ pub fn run(scratch: &Path, steps: u64, rounds: usize, models: &[BenchModel]) -> 
                     ),
                 };
                 let pairs = paired(rounds, ours, theirs)?;
-                print_versus(model_name, unit, &pairs, None);
+                print_versus(model_name, unit, &pairs);
             }
         }
         Ok(detail)

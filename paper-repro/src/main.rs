@@ -344,13 +344,10 @@ fn train_mpi(spec: &RunSpec, out: &Path, opts: &TrainOptions<'_>, bar: &Progress
         // A failure every process found alike: rank 0 reports it, and the others exit only after
         // it has (mpirun ends the job as soon as one process exits non-zero, and could end rank
         // 0 before it had printed).
-        Err(e) if is_shared_failure(&e) && process != 0 => {
-            mpi.world().barrier()?;
-            drop(mpi);
-            exit_as_rank_0_does(&e)
-        }
         Err(e) if is_shared_failure(&e) => {
-            eprintln!("error: {e:#}");
+            if process == 0 {
+                eprintln!("error: {e:#}");
+            }
             mpi.world().barrier()?;
             drop(mpi);
             exit_as_rank_0_does(&e)

@@ -43,16 +43,15 @@ fn channel_stats(moments: &[(f32, f32)]) -> ChannelStats {
 /// Per channel: (mean, biased variance) of a batch.
 pub type ChannelMoments = Vec<(f32, f32)>;
 
-/// The moments a forward computed, for the caller's running statistics.
+/// The moments a forward computed, for the caller's running statistics and the backward.
 type Moments = Arc<Mutex<Option<ChannelMoments>>>;
 
 /// y = (x − mean)·rstd·γ (batch statistics; add β separately). The forward leaves the batch's
 /// moments in `moments`, so the caller's running statistics need no second pass.
 struct BatchNormOp {
+    /// Also read by the backward: the statistics from the forward's moments are the numbers
+    /// their recomputation from x would give, without two more passes over x.
     moments: Moments,
-    /// The forward's per-channel (mean, 1/√(var + ε)), for the backward: the same numbers its
-    /// recomputation from x would give, without two more passes over x.
-    stats: Mutex<Option<ChannelStats>>,
 }
 
 impl CustomOp2 for BatchNormOp {
@@ -73,7 +72,6 @@ impl CustomOp2 for BatchNormOp {
             let scale = rstd * gamma[ch];
             x[plane * hw..][..hw].iter().map(move |&xv| (xv - mean) * scale)
         })?;
-        *self.stats.lock().expect("stats") = Some(stats);
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
 
@@ -84,7 +82,7 @@ impl CustomOp2 for BatchNormOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let stats = self.stats.lock().expect("stats").clone();
+        let stats = self.moments.lock().expect("moments").as_deref().map(channel_stats);
         let op = BatchNormBackward { gamma: gamma.contiguous()?, stats };
         let packed = x.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &op)?;
         let (nx, c) = (x.elem_count(), gamma.elem_count());
@@ -163,10 +161,10 @@ impl CustomOp2 for BatchNormBackward {
 pub fn batch_norm_train(x: &Tensor, gamma: &Tensor) -> Result<(Tensor, Option<ChannelMoments>)> {
     if on_fused_path(x) {
         let moments = Moments::default();
-        let op = BatchNormOp { moments: moments.clone(), stats: Default::default() };
+        let op = BatchNormOp { moments: moments.clone() };
         let y = x.contiguous()?.apply_op2(&gamma.contiguous()?, op)?;
-        let taken = moments.lock().expect("moments").take();
-        Ok((y, taken))
+        let computed = moments.lock().expect("moments").clone();
+        Ok((y, computed))
     } else {
         Ok((composed(x, gamma)?, None))
     }

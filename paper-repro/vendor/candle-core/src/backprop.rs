@@ -754,8 +754,8 @@ impl GradStore {
     /// Patched (paper-repro/vendor/README.md): add `grad` to the gradient of `tensor`, or make
     /// it that gradient when there is none yet, where upstream computed `zeros + grad` into a
     /// fresh buffer. The values are the same, except that an entry of −0 stays −0 (0 + −0 is
-    /// +0); a strided `grad` is made contiguous, as the add made it. Shape, dtype and device
-    /// are checked as the add checked them.
+    /// +0); a strided `grad` is made contiguous, as the add made it. Shape, device and dtype
+    /// are checked by the add's own checks.
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
@@ -763,24 +763,12 @@ impl GradStore {
                 entry.insert(sum);
             }
             Entry::Vacant(entry) => {
-                if grad.shape() != tensor.shape() {
-                    Err(Error::ShapeMismatchBinaryOp {
-                        lhs: tensor.shape().clone(),
-                        rhs: grad.shape().clone(),
-                        op: "add",
-                    }
-                    .bt())?
-                }
-                if grad.dtype() != tensor.dtype() {
-                    Err(Error::DTypeMismatchBinaryOp { lhs: tensor.dtype(), rhs: grad.dtype(), op: "add" }.bt())?
-                }
-                if !grad.device().same_device(tensor.device()) {
-                    Err(Error::DeviceMismatchBinaryOp {
-                        lhs: tensor.device().location(),
-                        rhs: grad.device().location(),
-                        op: "add",
-                    }
-                    .bt())?
+                // The checks `tensor.add(grad)` would make, with its error messages.
+                tensor.same_shape_binary_op(grad, "add")?;
+                {
+                    let (lhs, rhs) = (tensor.storage(), grad.storage());
+                    lhs.same_device(&rhs, "add")?;
+                    lhs.same_dtype(&rhs, "add")?;
                 }
                 entry.insert(grad.contiguous()?);
             }
