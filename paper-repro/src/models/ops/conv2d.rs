@@ -5,7 +5,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::channel_bias::channel_sum;
-use super::gemm::gemm_into;
+use super::gemm::{gemm_into, gemm_into_uninit};
 use super::{f32_slice, on_fused_path, Result};
 
 /// Geometry of a convolution.
@@ -130,22 +130,32 @@ const IMAGES_PER_TASK: usize = 4;
 /// the separate convolution and bias.
 fn forward(g: &ConvShape, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
     let (img, out_img, p) = (g.c * g.h * g.w, g.o * g.positions(), g.positions());
-    let mut out = vec![0f32; g.n * out_img];
-    out.par_chunks_mut(out_img * IMAGES_PER_TASK).zip(x.par_chunks(img * IMAGES_PER_TASK)).for_each(|(o, xi)| {
-        let mut cols = vec![0f32; g.rows() * p];
-        for (oimg, ximg) in o.chunks_mut(out_img).zip(xi.chunks(img)) {
-            g.im2col(ximg, &mut cols);
-            // out [O, P] = W [O, K] · cols [K, P]
-            gemm_into(g.o, p, g.rows(), oimg, false, (w, g.rows(), 1), (&cols, p, 1));
-            if let Some(b) = bias {
-                for (row, bv) in oimg.chunks_mut(p).zip(b) {
-                    for v in row {
-                        *v += bv;
+    let len = g.n * out_img;
+    // The products write every output element: no zero-fill first (a pass over the output).
+    let mut out = Vec::with_capacity(len);
+    out.spare_capacity_mut()[..len]
+        .par_chunks_mut(out_img * IMAGES_PER_TASK)
+        .zip(x.par_chunks(img * IMAGES_PER_TASK))
+        .for_each(|(o, xi)| {
+            let mut cols = vec![0f32; g.rows() * p];
+            for (oimg, ximg) in o.chunks_mut(out_img).zip(xi.chunks(img)) {
+                g.im2col(ximg, &mut cols);
+                // out [O, P] = W [O, K] · cols [K, P]
+                gemm_into_uninit(g.o, p, g.rows(), oimg, (w, g.rows(), 1), (&cols, p, 1));
+                // SAFETY: the product just wrote all of oimg (O·P elements).
+                let oimg = unsafe { std::slice::from_raw_parts_mut(oimg.as_mut_ptr().cast::<f32>(), oimg.len()) };
+                if let Some(b) = bias {
+                    for (row, bv) in oimg.chunks_mut(p).zip(b) {
+                        for v in row {
+                            *v += bv;
+                        }
                     }
                 }
             }
-        }
-    });
+        });
+    // SAFETY: the chunks partition 0..len (x has n images, the output n planes of out_img), and
+    // every image's product wrote its out_img elements.
+    unsafe { out.set_len(len) };
     out
 }
 

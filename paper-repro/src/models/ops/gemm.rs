@@ -38,12 +38,61 @@ pub(super) fn gemm_strided(
     assert!((m - 1) * c.1 + n <= c.0.len(), "gemm destination too small");
     // SAFETY: every index the product touches was bounds-checked just above; c does not alias
     // a or b (distinct borrows).
+    unsafe { gemm_unchecked(m, n, k, (c.0.as_mut_ptr(), c.1), accumulate, scale, a, b) }
+}
+
+/// c (m×n, row-major, contiguous) = a·b into memory not yet written: the product writes every
+/// element of c and reads none (no zero-fill needed first). After it, `c` is initialized.
+pub(super) fn gemm_into_uninit(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: &mut [std::mem::MaybeUninit<f32>],
+    a: (&[f32], usize, usize),
+    b: (&[f32], usize, usize),
+) {
+    assert!(m * n <= c.len(), "gemm destination too small");
+    if k == 0 {
+        c[..m * n].fill(std::mem::MaybeUninit::new(0.0));
+        return;
+    }
+    if m == 0 || n == 0 {
+        return;
+    }
+    let last = |rows: usize, cols: usize, (d, rs, cs): (&[f32], usize, usize)| {
+        assert!((rows - 1) * rs + (cols - 1) * cs < d.len(), "gemm operand out of bounds");
+    };
+    last(m, k, a);
+    last(k, n, b);
+    // SAFETY: bounds checked as in gemm_strided; with `read_dst` false the gemm crate writes
+    // scale·(a·b) into every element of the m×n destination and never reads it, so the
+    // uninitialized memory there is never read.
+    unsafe { gemm_unchecked(m, n, k, (c.as_mut_ptr().cast::<f32>(), n), false, 1.0, a, b) }
+}
+
+/// The gemm crate's product, single-threaded, c = [c +] scale·a·b.
+///
+/// # Safety
+/// Every element the product touches must lie inside the given operands and c must not alias
+/// them; with `accumulate` false, c's m×n elements may be uninitialized.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_unchecked(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: (*mut f32, usize),
+    accumulate: bool,
+    scale: f32,
+    a: (&[f32], usize, usize),
+    b: (&[f32], usize, usize),
+) {
+    // SAFETY: the caller's contract.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            c.0.as_mut_ptr(),
+            c.0,
             1,
             c.1 as isize,
             accumulate,
@@ -60,5 +109,35 @@ pub(super) fn gemm_strided(
             false,
             gemm::Parallelism::None,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::mem::MaybeUninit;
+
+    use super::*;
+
+    #[test]
+    fn the_product_into_unwritten_memory_is_the_product_into_zeros_bit_for_bit() {
+        let (m, n, k) = (5, 7, 3);
+        let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.91).cos()).collect();
+        let mut zeros = vec![0f32; m * n];
+        gemm_into(m, n, k, &mut zeros, false, (&a, k, 1), (&b, n, 1));
+        // Garbage where the product must write: it may not show through.
+        let mut fresh = vec![MaybeUninit::new(f32::NAN); m * n + 2];
+        gemm_into_uninit(m, n, k, &mut fresh, (&a, k, 1), (&b, n, 1));
+        // SAFETY: every element was initialized (NaN, then the product's first m·n).
+        let fresh: Vec<f32> = fresh.iter().map(|v| unsafe { v.assume_init() }).collect();
+        assert_eq!(
+            zeros.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            fresh[..m * n].iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+        assert!(fresh[m * n..].iter().all(|v| v.is_nan()), "wrote past m·n");
+        // k = 0: the empty sum, zero everywhere.
+        let mut empty = vec![MaybeUninit::new(f32::NAN); m * n];
+        gemm_into_uninit(m, n, 0, &mut empty, (&[], 0, 1), (&[], n, 1));
+        assert!(empty.iter().all(|v| unsafe { v.assume_init() } == 0.0));
     }
 }
