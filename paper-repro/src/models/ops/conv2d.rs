@@ -262,7 +262,8 @@ impl CustomOp2 for Conv2dBackward {
         let per_task = |dxi: Option<&mut [f32]>, xi: &[f32], dyi: &[f32]| {
             let mut dw = vec![0f32; w.len()];
             let mut cols = vec![0f32; kr * p];
-            let mut dcols = if dxi.is_some() { vec![0f32; kr * p] } else { Vec::new() };
+            // Rewritten whole by every image's product before it is read: never zero-filled.
+            let mut dcols = Vec::<f32>::with_capacity(if dxi.is_some() { kr * p } else { 0 });
             let mut dximgs = dxi.map(|d| d.chunks_mut(img));
             for (ximg, dyimg) in xi.chunks(img).zip(dyi.chunks(out_img)) {
                 g.im2col(ximg, &mut cols);
@@ -270,8 +271,11 @@ impl CustomOp2 for Conv2dBackward {
                 gemm_into(g.o, kr, p, &mut dw, true, (dyimg, p, 1), (&cols, 1, p));
                 if let Some(dximg) = dximgs.as_mut().and_then(|it| it.next()) {
                     // dcols [K, P] = Wᵀ [K, O] · dY [O, P]
-                    gemm_into(kr, p, g.o, &mut dcols, false, (w, 1, kr), (dyimg, p, 1));
-                    g.col2im_add(&dcols, dximg);
+                    let spare = &mut dcols.spare_capacity_mut()[..kr * p];
+                    gemm_into_uninit(kr, p, g.o, spare, (w, 1, kr), (dyimg, p, 1));
+                    // SAFETY: the product just wrote all kr·p elements of `spare`.
+                    let written = unsafe { std::slice::from_raw_parts(spare.as_ptr().cast::<f32>(), kr * p) };
+                    g.col2im_add(written, dximg);
                 }
             }
             dw
