@@ -30,11 +30,7 @@ pub(super) fn gemm_strided(
     if m == 0 || n == 0 {
         return;
     }
-    let last = |rows: usize, cols: usize, (d, rs, cs): (&[f32], usize, usize)| {
-        assert!(rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < d.len(), "gemm operand out of bounds");
-    };
-    last(m, k, a);
-    last(k, n, b);
+    check_operands(m, n, k, a, b);
     assert!((m - 1) * c.1 + n <= c.0.len(), "gemm destination too small");
     // SAFETY: every index the product touches was bounds-checked just above; c does not alias
     // a or b (distinct borrows).
@@ -59,15 +55,20 @@ pub(super) fn gemm_into_uninit(
     if m == 0 || n == 0 {
         return;
     }
-    let last = |rows: usize, cols: usize, (d, rs, cs): (&[f32], usize, usize)| {
-        assert!((rows - 1) * rs + (cols - 1) * cs < d.len(), "gemm operand out of bounds");
-    };
-    last(m, k, a);
-    last(k, n, b);
+    check_operands(m, n, k, a, b);
     // SAFETY: bounds checked as in gemm_strided; with `read_dst` false the gemm crate writes
     // scale·(a·b) into every element of the m×n destination and never reads it, so the
     // uninitialized memory there is never read.
     unsafe { gemm_unchecked(m, n, k, (c.as_mut_ptr().cast::<f32>(), n), false, 1.0, a, b) }
+}
+
+/// Panics unless every element of a (m×k) and b (k×n) that the product reads lies in its slice.
+fn check_operands(m: usize, n: usize, k: usize, a: (&[f32], usize, usize), b: (&[f32], usize, usize)) {
+    let last = |rows: usize, cols: usize, (d, rs, cs): (&[f32], usize, usize)| {
+        assert!(rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < d.len(), "gemm operand out of bounds");
+    };
+    last(m, k, a);
+    last(k, n, b);
 }
 
 /// The gemm crate's product, single-threaded, c = [c +] scale·a·b.
@@ -138,6 +139,7 @@ mod tests {
         // k = 0: the empty sum, zero everywhere.
         let mut empty = vec![MaybeUninit::new(f32::NAN); m * n];
         gemm_into_uninit(m, n, 0, &mut empty, (&[], 0, 1), (&[], n, 1));
+        // SAFETY: initialized (NaN, then the product's zeros).
         assert!(empty.iter().all(|v| unsafe { v.assume_init() } == 0.0));
     }
 }
