@@ -141,9 +141,7 @@ fn forward(g: &ConvShape, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32
             for (oimg, ximg) in o.chunks_mut(out_img).zip(xi.chunks(img)) {
                 g.im2col(ximg, &mut cols);
                 // out [O, P] = W [O, K] · cols [K, P]
-                gemm_into_uninit(g.o, p, g.rows(), oimg, (w, g.rows(), 1), (&cols, p, 1));
-                // SAFETY: the product just wrote all of oimg (O·P elements).
-                let oimg = unsafe { std::slice::from_raw_parts_mut(oimg.as_mut_ptr().cast::<f32>(), oimg.len()) };
+                let oimg = gemm_into_uninit(g.o, p, g.rows(), oimg, (w, g.rows(), 1), (&cols, p, 1));
                 if let Some(b) = bias {
                     for (row, bv) in oimg.chunks_mut(p).zip(b) {
                         for v in row {
@@ -271,10 +269,7 @@ impl CustomOp2 for Conv2dBackward {
                 gemm_into(g.o, kr, p, &mut dw, true, (dyimg, p, 1), (&cols, 1, p));
                 if let Some(dximg) = dximgs.as_mut().and_then(|it| it.next()) {
                     // dcols [K, P] = Wᵀ [K, O] · dY [O, P]
-                    let spare = &mut dcols.spare_capacity_mut()[..kr * p];
-                    gemm_into_uninit(kr, p, g.o, spare, (w, 1, kr), (dyimg, p, 1));
-                    // SAFETY: the product just wrote all kr·p elements of `spare`.
-                    let written = unsafe { std::slice::from_raw_parts(spare.as_ptr().cast::<f32>(), kr * p) };
+                    let written = gemm_into_uninit(kr, p, g.o, dcols.spare_capacity_mut(), (w, 1, kr), (dyimg, p, 1));
                     g.col2im_add(written, dximg);
                 }
             }

@@ -38,28 +38,27 @@ pub(super) fn gemm_strided(
 }
 
 /// c (m×n, row-major, contiguous) = a·b into memory not yet written: the product writes every
-/// element of c and reads none (no zero-fill needed first). After it, `c` is initialized.
-pub(super) fn gemm_into_uninit(
+/// element of c's first m·n and reads none (no zero-fill needed first), and returns them,
+/// initialized.
+pub(super) fn gemm_into_uninit<'c>(
     m: usize,
     n: usize,
     k: usize,
-    c: &mut [std::mem::MaybeUninit<f32>],
+    c: &'c mut [std::mem::MaybeUninit<f32>],
     a: (&[f32], usize, usize),
     b: (&[f32], usize, usize),
-) {
+) -> &'c mut [f32] {
     assert!(m * n <= c.len(), "gemm destination too small");
-    if k == 0 {
-        c[..m * n].fill(std::mem::MaybeUninit::new(0.0));
-        return;
-    }
-    if m == 0 || n == 0 {
-        return;
-    }
+    let c = &mut c[..m * n];
     check_operands(m, n, k, a, b);
-    // SAFETY: bounds checked as in gemm_strided; with `read_dst` false the gemm crate writes
-    // scale·(a·b) into every element of the m×n destination and never reads it, so the
-    // uninitialized memory there is never read.
-    unsafe { gemm_unchecked(m, n, k, (c.as_mut_ptr().cast::<f32>(), n), false, 1.0, a, b) }
+    // SAFETY: the operands were bounds-checked just above and c is m×n with row stride n; c does
+    // not alias a or b (distinct borrows). With `read_dst` false the gemm crate never reads c
+    // and writes scale·(a·b) into every element of it (zeros when k = 0; nothing to write when
+    // m or n is 0), so afterwards all of c is initialized.
+    unsafe {
+        gemm_unchecked(m, n, k, (c.as_mut_ptr().cast::<f32>(), n), false, 1.0, a, b);
+        std::slice::from_raw_parts_mut(c.as_mut_ptr().cast::<f32>(), c.len())
+    }
 }
 
 /// Panics unless every element of a (m×k) and b (k×n) that the product reads lies in its slice.
@@ -128,18 +127,15 @@ mod tests {
         gemm_into(m, n, k, &mut zeros, false, (&a, k, 1), (&b, n, 1));
         // Garbage where the product must write: it may not show through.
         let mut fresh = vec![MaybeUninit::new(f32::NAN); m * n + 2];
-        gemm_into_uninit(m, n, k, &mut fresh, (&a, k, 1), (&b, n, 1));
-        // SAFETY: every element was initialized (NaN, then the product's first m·n).
-        let fresh: Vec<f32> = fresh.iter().map(|v| unsafe { v.assume_init() }).collect();
+        let product = gemm_into_uninit(m, n, k, &mut fresh, (&a, k, 1), (&b, n, 1));
         assert_eq!(
             zeros.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-            fresh[..m * n].iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            product.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
         );
-        assert!(fresh[m * n..].iter().all(|v| v.is_nan()), "wrote past m·n");
+        // SAFETY: every element was initialized (NaN, then the product's first m·n).
+        assert!(fresh[m * n..].iter().all(|v| unsafe { v.assume_init() }.is_nan()), "wrote past m·n");
         // k = 0: the empty sum, zero everywhere.
         let mut empty = vec![MaybeUninit::new(f32::NAN); m * n];
-        gemm_into_uninit(m, n, 0, &mut empty, (&[], 0, 1), (&[], n, 1));
-        // SAFETY: initialized (NaN, then the product's zeros).
-        assert!(empty.iter().all(|v| unsafe { v.assume_init() } == 0.0));
+        assert!(gemm_into_uninit(m, n, 0, &mut empty, (&[], 0, 1), (&[], n, 1)).iter().all(|&v| v == 0.0));
     }
 }
