@@ -219,17 +219,17 @@ pub fn run(scratch: &Path, steps: u64, rounds: usize, models: &[BenchModel]) -> 
         println!("pytorch: not importable (set MADA_TORCH_PYTHON to a Python with torch); no ratios");
     }
     let steps_arg = steps.max(3).to_string();
-    // Adam's line for one model: ours alone, or paired with PyTorch's in rounds.
-    let adam = |model_name: &str, unit: &str, spec: &RunSpec| -> Result<(f64, f64)> {
+    // One optimizer's line for one model: ours alone, or, for Adam with torch found, paired with
+    // PyTorch's in rounds.
+    let timed = |model_name: &str, unit: &str, optimizer: &str, spec: &RunSpec| -> Result<(f64, f64)> {
         let mut detail = (0.0, 0.0);
         let mut ours = || {
             let (ips, model, optim) = measure(spec, steps)?;
             detail = (model, optim);
             Ok(ips)
         };
-        match &python {
-            None => println!("{model_name} {unit} (adam): {:.0}", ours()?),
-            Some(python) => {
+        match (&python, optimizer) {
+            (Some(python), "adam") => {
                 let theirs = || match model_name {
                     "baby-gpt" => {
                         pytorch_rate(python, scratch, PYTORCH_BABY_GPT, &["8", &steps_arg], "tokens/s (adamw)", threads)
@@ -246,6 +246,7 @@ pub fn run(scratch: &Path, steps: u64, rounds: usize, models: &[BenchModel]) -> 
                 let pairs = paired(rounds, ours, theirs)?;
                 print_versus(model_name, unit, &pairs);
             }
+            _ => println!("{model_name} {unit} ({optimizer}): {:.0}", ours()?),
         }
         Ok(detail)
     };
@@ -253,13 +254,7 @@ pub fn run(scratch: &Path, steps: u64, rounds: usize, models: &[BenchModel]) -> 
         let baby = baby_gpt_task(scratch)?;
         for (name, opt) in [("adam", ADAM), ("mada", MADA)] {
             let spec = base(baby.clone(), opt, 8);
-            let (model, optim) = if name == "adam" {
-                adam("baby-gpt", "tokens/s", &spec)?
-            } else {
-                let (tps, model, optim) = measure(&spec, steps)?;
-                println!("baby-gpt tokens/s ({name}): {tps:.0}");
-                (model, optim)
-            };
+            let (model, optim) = timed("baby-gpt", "tokens/s", name, &spec)?;
             println!("  batch 8 × 256 tokens: forward+backward {:.0} ms, optimizer (hyper-gradient, clip, decay, update) {:.1} ms", model * 1e3, optim * 1e3);
         }
     }
@@ -281,13 +276,7 @@ pub fn run(scratch: &Path, steps: u64, rounds: usize, models: &[BenchModel]) -> 
                 test_subset: 0,
             };
             let spec = base(task, opt, 128);
-            let (m, o) = if name == "adam" {
-                adam(model_name, "images/s", &spec)?
-            } else {
-                let (ips, m, o) = measure(&spec, steps)?;
-                println!("{model_name} images/s ({name}): {ips:.0}");
-                (m, o)
-            };
+            let (m, o) = timed(model_name, "images/s", name, &spec)?;
             println!("  batch 128: forward+backward {:.0} ms, optimizer {:.1} ms", m * 1e3, o * 1e3);
         }
     }
