@@ -15,6 +15,7 @@ use anyhow::{bail, Context, Result};
 use crate::data::text::{prepare, Tokenizer};
 use crate::data::vision::VisionData;
 use crate::models::gpt::GptConfig;
+use crate::models::ops::ConvAlgorithm;
 use crate::models::vision::VisionModelConfig;
 use crate::run::spec::{ClipMode, DeviceKind, Precision, RunSpec, Schedule, Task, TextData};
 use crate::run::Trainer;
@@ -209,7 +210,7 @@ fn print_versus(model_name: &str, unit: &str, pairs: &[(f64, f64)]) {
 /// Run the benchmark of the `models` (all three when empty); `scratch` is a folder for the
 /// benchmark's corpus and images. With PyTorch, Adam's step is timed against PyTorch's in
 /// `rounds` alternating pairs.
-pub fn run(scratch: &Path, steps: u64, rounds: usize, models: &[BenchModel]) -> Result<()> {
+pub fn run(scratch: &Path, steps: u64, rounds: usize, models: &[BenchModel], conv: ConvAlgorithm) -> Result<()> {
     let wanted = |m: BenchModel| models.is_empty() || models.contains(&m);
     let threads = rayon::current_num_threads();
     println!("training-step benchmark: {threads} threads, median of {steps} updates");
@@ -261,13 +262,18 @@ pub fn run(scratch: &Path, steps: u64, rounds: usize, models: &[BenchModel]) -> 
     let fashion = scratch.join("fashion-mnist-mini");
     crate::data::embedded::write_fashion_mnist_mini(&fashion)?;
     for (model_name, model) in [
-        (BenchModel::Cnn, "cnn", VisionModelConfig::cnn()),
-        (BenchModel::Resnet, "resnet", VisionModelConfig::Resnet { blocks: vec![1, 1, 1], widths: vec![16, 32, 64] }),
+        (BenchModel::Cnn, "cnn", VisionModelConfig::Cnn { c1: 32, c2: 64, hidden: 128, conv }),
+        (
+            BenchModel::Resnet,
+            "resnet",
+            VisionModelConfig::Resnet { blocks: vec![1, 1, 1], widths: vec![16, 32, 64], conv },
+        ),
     ]
     .into_iter()
     .filter(|(m, ..)| wanted(*m))
     .map(|(_, name, config)| (name, config))
     {
+        println!("{model_name}: convolutions by {}", serde_json::to_value(conv)?.as_str().unwrap_or("?"));
         for (name, opt) in [("adam", ADAM), ("mada", MADA)] {
             let task = Task::Vision {
                 data: VisionData::FashionMnist { dir: fashion.clone() },

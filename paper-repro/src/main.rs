@@ -151,6 +151,10 @@ enum Command {
         /// Only these models (repeat the flag for several; default: all three).
         #[arg(long = "model", value_enum)]
         models: Vec<paper_repro::bench::BenchModel>,
+        /// How the vision models' convolutions form their sums (`im2col` is the committed
+        /// cpu-tier runs' convention).
+        #[arg(long, value_enum, default_value = "implicit-gemm")]
+        conv: paper_repro::models::ops::ConvAlgorithm,
     },
     /// On the first CUDA device against the CPU: device facts, a small GPT's gradients, every
     /// optimizer's updates (one 38.6M-element tensor among the parameters), GPT-2 124M step
@@ -434,8 +438,8 @@ fn run(cli: Cli) -> Result<()> {
                 &LaunchOptions { resume, auto, pause_after, progress_lines },
             )
         }
-        Command::Bench { steps, rounds, models } => {
-            in_scratch("bench", |dir| paper_repro::bench::run(dir, steps, rounds as usize, &models))
+        Command::Bench { steps, rounds, models, conv } => {
+            in_scratch("bench", |dir| paper_repro::bench::run(dir, steps, rounds as usize, &models, conv))
         }
         Command::BenchDp { steps } => in_scratch("bench-dp", |dir| paper_repro::bench::data_parallel(dir, steps)),
         #[cfg(feature = "mpi")]

@@ -7,6 +7,7 @@ use std::process::Command;
 
 use indicatif::ProgressBar;
 use paper_repro::data::vision::{write_idx_pair, VisionData};
+use paper_repro::models::ops::ConvAlgorithm;
 use paper_repro::models::vision::VisionModelConfig;
 use paper_repro::run::checkpoint::{self, SaveStep};
 use paper_repro::run::spec::{RunSpec, Schedule, Task};
@@ -57,7 +58,7 @@ fn sizes_the_data_or_the_machine_cannot_hold_are_refused_before_allocating() {
     let mut v = lm_spec(&dir.path().join("data"), 3);
     v.task = Task::Vision {
         data: VisionData::Mnist { dir: images },
-        model: VisionModelConfig::Cnn { c1: 4, c2: 4, hidden: 8 },
+        model: VisionModelConfig::Cnn { c1: 4, c2: 4, hidden: 8, conv: ConvAlgorithm::Im2col },
         train_subset: 0,
         test_subset: 0,
     };
@@ -104,9 +105,9 @@ fn no_spec_field_at_its_edge_panics() {
     model.n_embd = 0;
     assert!(err(train(&spec, &dir.path().join("a"), Start::Fresh, None)).contains("n_embd must be positive"));
     for (model, needle) in [
-        (VisionModelConfig::Cnn { c1: 0, c2: 4, hidden: 8 }, "c1 = 0"),
-        (VisionModelConfig::Cnn { c1: 4, c2: 4, hidden: 0 }, "hidden = 0"),
-        (VisionModelConfig::Resnet { blocks: vec![1], widths: vec![0] }, "width 0"),
+        (VisionModelConfig::Cnn { c1: 0, c2: 4, hidden: 8, conv: ConvAlgorithm::Im2col }, "c1 = 0"),
+        (VisionModelConfig::Cnn { c1: 4, c2: 4, hidden: 0, conv: ConvAlgorithm::Im2col }, "hidden = 0"),
+        (VisionModelConfig::Resnet { blocks: vec![1], widths: vec![0], conv: ConvAlgorithm::Im2col }, "width 0"),
     ] {
         assert!(model.validate().unwrap_err().to_string().contains(needle), "{model:?}");
     }

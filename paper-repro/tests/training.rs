@@ -8,6 +8,7 @@ use indicatif::ProgressBar;
 use mada::OptimizerSpec;
 use paper_repro::data::vision::{write_idx_pair, VisionData};
 use paper_repro::models::gpt::GptConfig;
+use paper_repro::models::ops::ConvAlgorithm;
 use paper_repro::models::vision::VisionModelConfig;
 use paper_repro::run::log::{read_rows, LogRow};
 use paper_repro::run::spec::{ClipMode, DeviceKind, Precision, RunSpec, Schedule, Task, TextData};
@@ -149,7 +150,8 @@ fn vision_runs_on_idx_files_and_report_accuracy() {
         label: "cnn".into(),
         task: Task::Vision {
             data: VisionData::Mnist { dir: data },
-            model: VisionModelConfig::Cnn { c1: 4, c2: 8, hidden: 16 },
+            // The second convolution (4 channels in) takes the implicit form.
+            model: VisionModelConfig::Cnn { c1: 4, c2: 8, hidden: 16, conv: ConvAlgorithm::ImplicitGemm },
             train_subset: 0,
             test_subset: 0,
         },

@@ -195,6 +195,7 @@ pub struct Conv2d {
     pub bias: Option<Var>,
     pub stride: usize,
     pub padding: usize,
+    pub algorithm: crate::models::ops::ConvAlgorithm,
 }
 
 impl Conv2d {
@@ -208,6 +209,7 @@ impl Conv2d {
         stride: usize,
         padding: usize,
         bias: bool,
+        algorithm: crate::models::ops::ConvAlgorithm,
     ) -> Result<Self> {
         let fan_in = (inp * k * k) as f64;
         let bound = 1.0 / fan_in.sqrt();
@@ -216,6 +218,7 @@ impl Conv2d {
             bias: if bias { Some(ps.uniform(&format!("{name}.bias"), &[out], bound)?) } else { None },
             stride,
             padding,
+            algorithm,
         })
     }
 }
@@ -223,7 +226,7 @@ impl Conv2d {
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let bias = self.bias.as_ref().map(|b| b.as_tensor());
-        crate::models::ops::conv2d(x, self.weight.as_tensor(), bias, self.stride, self.padding)
+        crate::models::ops::conv2d(x, self.weight.as_tensor(), bias, self.stride, self.padding, self.algorithm)
     }
 }
 

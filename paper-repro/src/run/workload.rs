@@ -107,10 +107,10 @@ pub fn gpt_memory_estimate(c: &GptConfig, batch: usize, state_bytes_per_param: u
 pub fn vision_memory_estimate(m: &VisionModelConfig, batch: usize, pixels: usize, state_bytes_per_param: usize) -> f64 {
     let f = |x: usize| x as f64;
     let (channels, params) = match m {
-        VisionModelConfig::Cnn { c1, c2, hidden } => {
+        VisionModelConfig::Cnn { c1, c2, hidden, .. } => {
             (f(c1 + c2 + hidden), 9.0 * f(*c1) * (1.0 + f(*c2)) + f(*c2) * f(pixels) / 16.0 * f(*hidden))
         }
-        VisionModelConfig::Resnet { blocks, widths } => (
+        VisionModelConfig::Resnet { blocks, widths, .. } => (
             f(widths[0]) + blocks.iter().zip(widths).map(|(b, w)| 3.0 * f(*b) * f(*w)).sum::<f64>(),
             blocks.iter().zip(widths).map(|(b, w)| 18.0 * f(*b) * f(*w) * f(*w)).sum::<f64>(),
         ),

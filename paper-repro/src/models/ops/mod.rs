@@ -1,7 +1,7 @@
 //! Fused CPU operators with hand-written backward passes: causal self-attention on the packed
 //! q|k|v projection, the causal softmax, LayerNorm (gain only; the bias is a separate broadcast
-//! add), the exact (erf) GELU, the im2col convolution, training-mode batch normalization, a
-//! per-channel bias, ReLU and 2×2 max pooling.
+//! add), the exact (erf) GELU, the convolution (im2col or implicit GEMM), training-mode batch
+//! normalization, a per-channel bias, ReLU and 2×2 max pooling.
 //!
 //! Composed from candle's elementwise operators, each of these costs 5–20 passes over its
 //! tensor and as many allocations, forward and backward; profiling the baby GPT's training step
@@ -27,7 +27,7 @@ mod softmax;
 pub use attention::{causal_mask, causal_self_attention, composed_causal_self_attention};
 pub use batch_norm::batch_norm_train;
 pub use channel_bias::add_channel_bias;
-pub use conv2d::conv2d;
+pub use conv2d::{conv2d, ConvAlgorithm, IMPLICIT_MIN_CHANNELS};
 pub use gelu::gelu;
 pub use layer_norm::layer_norm;
 pub use pool::max_pool2x2;
