@@ -10,24 +10,56 @@ use super::{f32_slice, on_fused_path, par_collect, Result};
 
 const BN_EPS: f32 = 1e-5;
 
-/// Per channel c of x (N, C, H, W): the mean and the biased variance over (N, H, W),
-/// accumulated in f64.
+/// Partial sums per plane: the loops below keep this many f32 sums side by side, which the
+/// compiler turns into one vector register of additions; a single running sum instead waits on
+/// every addition's latency (these passes were 16% of the ResNet-8's step that way).
+const LANES: usize = 8;
+
+/// Σ f(v) over a plane: LANES f32 partial sums, then the lanes and the remainder added in f64.
+#[inline(always)]
+fn lane_sum(a: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+    let mut acc = [0f32; LANES];
+    let chunks = a.chunks_exact(LANES);
+    let rest = chunks.remainder().iter().map(|&v| f(v) as f64).sum::<f64>();
+    for ch in chunks {
+        for (s, &v) in acc.iter_mut().zip(ch) {
+            *s += f(v);
+        }
+    }
+    acc.iter().map(|&v| v as f64).sum::<f64>() + rest
+}
+
+/// (Σ f(a, b).0, Σ f(a, b).1) over two planes of one length, as [`lane_sum`].
+#[inline(always)]
+fn lane_sum_pair(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> (f32, f32)) -> (f64, f64) {
+    let (mut p, mut q) = ([0f32; LANES], [0f32; LANES]);
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let rest = ca.remainder().iter().zip(cb.remainder()).fold((0f64, 0f64), |(s, t), (&u, &v)| {
+        let (x, y) = f(u, v);
+        (s + x as f64, t + y as f64)
+    });
+    for (ua, ub) in ca.zip(cb) {
+        for l in 0..LANES {
+            let (x, y) = f(ua[l], ub[l]);
+            p[l] += x;
+            q[l] += y;
+        }
+    }
+    let total = |acc: [f32; LANES]| acc.iter().map(|&v| v as f64).sum::<f64>();
+    (total(p) + rest.0, total(q) + rest.1)
+}
+
+/// Per channel c of x (N, C, H, W): the mean and the biased variance (around the f32 mean)
+/// over (N, H, W); each plane summed as [`lane_sum`], the planes in f64.
 fn channel_moments(x: &[f32], n: usize, c: usize, hw: usize) -> ChannelMoments {
     (0..c)
         .into_par_iter()
         .map(|ch| {
             let count = (n * hw) as f64;
-            let mut sum = 0f64;
-            for i in 0..n {
-                sum += x[(i * c + ch) * hw..(i * c + ch + 1) * hw].iter().map(|&v| v as f64).sum::<f64>();
-            }
-            let mean = sum / count;
-            let mut var = 0f64;
-            for i in 0..n {
-                var +=
-                    x[(i * c + ch) * hw..(i * c + ch + 1) * hw].iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>();
-            }
-            (mean as f32, (var / count) as f32)
+            let plane = |i: usize| &x[(i * c + ch) * hw..][..hw];
+            let mean = ((0..n).map(|i| lane_sum(plane(i), |v| v)).sum::<f64>() / count) as f32;
+            let var = (0..n).map(|i| lane_sum(plane(i), |v| (v - mean) * (v - mean))).sum::<f64>() / count;
+            (mean, var as f32)
         })
         .collect()
 }
@@ -115,42 +147,42 @@ impl CustomOp2 for BatchNormBackward {
             Some(s) if s.len() == c => s.clone(),
             _ => channel_stats(&channel_moments(x, n, c, hw)),
         };
-        // Per channel: Σ dy and Σ dy·x̂.
+        // Per channel: Σ dy and Σ dy·x̂, each plane as lane_sum_pair, the planes in f64.
         let sums: Vec<(f64, f64)> = (0..c)
             .into_par_iter()
             .map(|ch| {
                 let (mean, rstd) = stats[ch];
-                let (mut s, mut sx) = (0f64, 0f64);
-                for i in 0..n {
+                (0..n).fold((0f64, 0f64), |(s, sx), i| {
                     let base = (i * c + ch) * hw;
-                    for j in base..base + hw {
-                        s += dy[j] as f64;
-                        sx += (dy[j] * (x[j] - mean) * rstd) as f64;
-                    }
-                }
-                (s, sx)
+                    let (a, b) =
+                        lane_sum_pair(&dy[base..base + hw], &x[base..base + hw], |g, xv| (g, g * (xv - mean) * rstd));
+                    (s + a, sx + b)
+                })
             })
             .collect();
         let m = (n * hw) as f64;
-        // [dx | dγ] in chunks of one plane: the first n·c chunks are dx's planes, the ones after
-        // them hold dγ.
-        let planes = n * c;
-        let (stats, sums) = (&stats, &sums);
-        let out = par_collect(x.len() + c, hw, |chunk| {
-            let dx_plane = (chunk < planes).then(|| {
-                let ch = chunk % c;
-                let (mean, rstd) = stats[ch];
-                let (mdy, mdyx) = ((sums[ch].0 / m) as f32, (sums[ch].1 / m) as f32);
-                let base = chunk * hw;
-                (0..hw).map(move |j| {
-                    let xhat = (x[base + j] - mean) * rstd;
-                    gamma[ch] * rstd * (dy[base + j] - mdy - xhat * mdyx)
-                })
-            });
-            let dgamma =
-                (chunk >= planes).then(|| sums.iter().skip((chunk - planes) * hw).take(hw).map(|s| s.1 as f32));
-            dx_plane.into_iter().flatten().chain(dgamma.into_iter().flatten())
-        })?;
+        // [dx | dγ]: dx plane by plane, in parallel, as plain slice loops (they vectorize), into
+        // memory each element of which is written once.
+        let len = x.len() + c;
+        let mut out = Vec::with_capacity(len);
+        let (dx, dgamma) = out.spare_capacity_mut()[..len].split_at_mut(x.len());
+        dx.par_chunks_mut(hw.max(1)).enumerate().for_each(|(plane, dst)| {
+            let ch = plane % c;
+            let (mean, rstd) = stats[ch];
+            let (mdy, mdyx) = ((sums[ch].0 / m) as f32, (sums[ch].1 / m) as f32);
+            let k = gamma[ch] * rstd;
+            let base = plane * hw;
+            for ((d, &xv), &g) in dst.iter_mut().zip(&x[base..base + hw]).zip(&dy[base..base + hw]) {
+                let xhat = (xv - mean) * rstd;
+                d.write(k * (g - mdy - xhat * mdyx));
+            }
+        });
+        for (d, s) in dgamma.iter_mut().zip(&sums) {
+            d.write(s.1 as f32);
+        }
+        // SAFETY: the planes partition dx (x.len() = n·c·hw) and each loop wrote its whole plane;
+        // dγ's c elements were written just above.
+        unsafe { out.set_len(len) };
         Ok((CpuStorage::F32(out), Shape::from(x.len() + c)))
     }
 }
