@@ -13,13 +13,13 @@
 //! first maximum in scan order, as PyTorch's `max_pool2d` does; a NaN maximum passes none.
 //! Sides need not be even: the last odd row or column is dropped, as candle and PyTorch do.
 
+use std::mem::MaybeUninit;
+use std::sync::OnceLock;
+
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{f32_slice, on_fused_path, par_collect, Result};
-
-/// Planes per rayon task.
-const PLANES_PER_TASK: usize = 8;
+use super::{f32_slice, on_fused_path, Result};
 
 fn plane_dims(l: &Layout) -> Result<(usize, usize, usize)> {
     let &[n, c, h, w] = l.dims() else { candle_core::bail!("max_pool2x2: expected NCHW, got {:?}", l.dims()) };
@@ -35,7 +35,49 @@ fn window(w: usize, oy: usize, ox: usize) -> [usize; 4] {
     [top, top + 1, top + w, top + w + 1]
 }
 
-struct MaxPool2x2;
+/// A window's winner when its maximum is NaN: no element receives the gradient.
+const NO_WINNER: u8 = 4;
+
+/// Pool one (h, w) plane into `out` (ho·wo maxima, all written) and record in `winners` which
+/// element of each window the forward kept: candle's scan (the window's first element, replaced
+/// by any larger one), so the kept element is the first maximum in scan order.
+fn pool_plane(xp: &[f32], w: usize, out: &mut [MaybeUninit<f32>], winners: &mut [u8]) {
+    let wo = w / 2;
+    for (k, (o, won)) in out.iter_mut().zip(winners.iter_mut()).enumerate() {
+        let [a, b, c, d] = window(w, k / wo, k % wo).map(|i| xp[i]);
+        let (mut largest, mut at) = (a, 0u8);
+        for (j, v) in [(1u8, b), (2, c), (3, d)] {
+            if largest < v {
+                (largest, at) = (v, j);
+            }
+        }
+        o.write(largest);
+        // Only a NaN first element survives the scan as NaN.
+        *won = if largest.is_nan() { NO_WINNER } else { at };
+    }
+}
+
+/// The pooling and its winners, plane by plane in parallel.
+fn pool(x: &[f32], planes: usize, h: usize, w: usize) -> (Vec<f32>, Vec<u8>) {
+    let (hw, p) = (h * w, (h / 2) * (w / 2));
+    let mut out = Vec::with_capacity(planes * p);
+    let mut winners = vec![0u8; planes * p];
+    out.spare_capacity_mut()[..planes * p]
+        .par_chunks_mut(p)
+        .zip(winners.par_chunks_mut(p))
+        .enumerate()
+        .for_each(|(i, (o, won))| pool_plane(&x[i * hw..][..hw], w, o, won));
+    // SAFETY: the planes partition the planes·p outputs and pool_plane wrote each plane's p.
+    unsafe { out.set_len(planes * p) };
+    (out, winners)
+}
+
+/// The forward; it keeps each window's winner for the backward, a byte per output (a
+/// sixteenth of the input's size), so the backward reads neither x nor y and compares nothing.
+#[derive(Default)]
+struct MaxPool2x2 {
+    winners: OnceLock<Vec<u8>>,
+}
 
 impl CustomOp1 for MaxPool2x2 {
     fn name(&self) -> &'static str {
@@ -45,69 +87,69 @@ impl CustomOp1 for MaxPool2x2 {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l)?;
         let (planes, h, w) = plane_dims(l)?;
-        let (ho, wo) = (h / 2, w / 2);
-        // One plane per chunk, its windows in row-major order.
-        let out = par_collect(planes * ho * wo, ho * wo, |p| {
-            let xp = &x[p * h * w..][..h * w];
-            (0..ho * wo).map(move |k| {
-                // Candle's scan: the window's first element, replaced by any larger one.
-                let [a, b, c, d] = window(w, k / wo, k % wo).map(|i| xp[i]);
-                let mut largest = a;
-                for v in [b, c, d] {
-                    if largest < v {
-                        largest = v;
-                    }
-                }
-                largest
-            })
-        })?;
+        let (out, winners) = pool(x, planes, h, w);
+        // Each call makes its own op, so this is the one forward it ran.
+        let _ = self.winners.set(winners);
         let d = l.dims();
-        Ok((CpuStorage::F32(out), Shape::from((d[0], d[1], ho, wo))))
+        Ok((CpuStorage::F32(out), Shape::from((d[0], d[1], h / 2, w / 2))))
     }
 
-    fn bwd(&self, x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let op = MaxPool2x2Backward { y: y.contiguous()? };
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let op = MaxPool2x2Backward { winners: self.winners.get().map(Vec::as_slice) };
         Ok(Some(x.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &op)?))
     }
 }
 
-/// dx of the pooling from x and dy, given the forward output y.
-struct MaxPool2x2Backward {
-    y: Tensor,
+/// dx of the pooling: each window's gradient to its winner, zeros elsewhere (the dropped last
+/// row or column of an odd side included). The winners are the forward's (None: scan x again).
+struct MaxPool2x2Backward<'a> {
+    winners: Option<&'a [u8]>,
 }
 
-impl CustomOp2 for MaxPool2x2Backward {
+impl CustomOp2 for MaxPool2x2Backward<'_> {
     fn name(&self) -> &'static str {
         "max-pool-2x2-backward"
     }
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (yst, yl) = self.y.storage_and_layout();
-        let candle_core::Storage::Cpu(ycpu) = &*yst else { candle_core::bail!("max-pool backward: output not on CPU") };
-        let (x, dy, y) = (f32_slice(xs, xl)?, f32_slice(gs, gl)?, f32_slice(ycpu, yl)?);
-        let (_, h, w) = plane_dims(xl)?;
-        let (ho, wo) = (h / 2, w / 2);
-        let mut dx = vec![0f32; x.len()];
-        let chunk = h * w * PLANES_PER_TASK;
-        let out_chunk = ho * wo * PLANES_PER_TASK;
-        dx.par_chunks_mut(chunk)
-            .zip(x.par_chunks(chunk))
-            .zip(y.par_chunks(out_chunk).zip(dy.par_chunks(out_chunk)))
-            .for_each(|((dxi, xi), (yi, dyi))| {
-                for (((dxp, xp), yp), dyp) in
-                    dxi.chunks_mut(h * w).zip(xi.chunks(h * w)).zip(yi.chunks(ho * wo)).zip(dyi.chunks(ho * wo))
-                {
-                    for oy in 0..ho {
-                        for ox in 0..wo {
-                            let top = yp[oy * wo + ox];
-                            // The first maximum in scan order: the element the forward kept.
-                            if let Some(i) = window(w, oy, ox).into_iter().find(|&i| xp[i] == top) {
-                                dxp[i] = dyp[oy * wo + ox];
-                            }
-                        }
-                    }
+        let (x, dy) = (f32_slice(xs, xl)?, f32_slice(gs, gl)?);
+        let (planes, h, w) = plane_dims(xl)?;
+        let (ho, wo, p) = (h / 2, w / 2, (h / 2) * (w / 2));
+        let scanned;
+        let winners = match self.winners {
+            Some(won) if won.len() == planes * p => won,
+            _ => {
+                scanned = pool(x, planes, h, w).1;
+                &scanned
+            }
+        };
+        if dy.len() != planes * p {
+            candle_core::bail!("max-pool backward: {} gradients for {} outputs", dy.len(), planes * p);
+        }
+        let mut dx = Vec::with_capacity(x.len());
+        dx.spare_capacity_mut()[..x.len()].par_chunks_mut(h * w).enumerate().for_each(|(i, d)| {
+            let (won, g) = (&winners[i * p..][..p], &dy[i * p..][..p]);
+            let pick = |j: u8, at: u8, v: f32| if j == at { v } else { 0.0 };
+            for oy in 0..ho {
+                let (top, bottom) = d[2 * oy * w..][..2 * w].split_at_mut(w);
+                for ox in 0..wo {
+                    let (j, v) = (won[oy * wo + ox], g[oy * wo + ox]);
+                    top[2 * ox].write(pick(j, 0, v));
+                    top[2 * ox + 1].write(pick(j, 1, v));
+                    bottom[2 * ox].write(pick(j, 2, v));
+                    bottom[2 * ox + 1].write(pick(j, 3, v));
                 }
-            });
+                for e in top[2 * wo..].iter_mut().chain(bottom[2 * wo..].iter_mut()) {
+                    e.write(0.0);
+                }
+            }
+            for e in &mut d[2 * ho * w..] {
+                e.write(0.0);
+            }
+        });
+        // SAFETY: the planes partition dx, and each plane's loops wrote its 2·ho full rows and
+        // its remaining rows.
+        unsafe { dx.set_len(x.len()) };
         Ok((CpuStorage::F32(dx), xl.shape().clone()))
     }
 }
@@ -116,7 +158,7 @@ impl CustomOp2 for MaxPool2x2Backward {
 /// [`composed_max_pool2x2`] elsewhere.
 pub fn max_pool2x2(x: &Tensor) -> Result<Tensor> {
     if on_fused_path(x) {
-        x.contiguous()?.apply_op1(MaxPool2x2)
+        x.contiguous()?.apply_op1(MaxPool2x2::default())
     } else {
         composed_max_pool2x2(x)
     }
@@ -183,6 +225,43 @@ mod tests {
             assert_eq!(flat(&got), want);
             assert_eq!(flat(g.get(x.as_tensor()).unwrap()).iter().sum::<f32>(), want.iter().sum::<f32>());
         }
+    }
+
+    #[test]
+    fn the_backward_from_the_forwards_winners_equals_the_comparison_with_the_output_bit_for_bit() {
+        // NaN first elements (no winner), NaN later ones (ignored by the scan), ±0 ties, ties of
+        // positives, odd sides: the recorded winners give what comparing x with y gives (the
+        // earlier backward: the first element equal to the window's output), and so does the
+        // backward that scans x again.
+        let (planes, h, w) = (6, 7, 9);
+        let pool_vals = [f32::NAN, 0.0, -0.0, 1.0, 1.0, -2.0, 0.5, f32::NAN, -0.0, 3.0];
+        let x: Vec<f32> = (0..planes * h * w).map(|i| pool_vals[(i * 7 + i / 5) % pool_vals.len()]).collect();
+        let dev = Device::Cpu;
+        let xt = Var::from_tensor(&Tensor::from_vec(x.clone(), (2, 3, h, w), &dev).unwrap()).unwrap();
+        let y = max_pool2x2(xt.as_tensor()).unwrap();
+        let yv = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let dy: Vec<f32> = (0..yv.len()).map(|i| i as f32 - 7.5).collect();
+        let (ho, wo) = (h / 2, w / 2);
+        let mut want = vec![0f32; x.len()];
+        for p in 0..planes {
+            for oy in 0..ho {
+                for ox in 0..wo {
+                    let k = p * ho * wo + oy * wo + ox;
+                    if let Some(i) = window(w, oy, ox).into_iter().find(|&i| x[p * h * w + i] == yv[k]) {
+                        want[p * h * w + i] = dy[k];
+                    }
+                }
+            }
+        }
+        let g = Tensor::from_vec(dy, y.shape(), &dev).unwrap();
+        let got = (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let bits_of = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(bits_of(&flat(got.get(xt.as_tensor()).unwrap())), bits_of(&want));
+        let rescanned = MaxPool2x2Backward { winners: None };
+        let again = xt.as_tensor().apply_op2_no_bwd(&g, &rescanned).unwrap();
+        assert_eq!(bits_of(&flat(&again)), bits_of(&want));
+        assert!(yv.iter().any(|v| v.is_nan()) && want.iter().any(|&v| v != 0.0));
     }
 
     #[test]
