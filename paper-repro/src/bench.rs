@@ -273,7 +273,7 @@ pub fn run(scratch: &Path, steps: u64, rounds: usize, models: &[BenchModel], con
     .filter(|(m, ..)| wanted(*m))
     .map(|(_, name, config)| (name, config))
     {
-        println!("{model_name}: convolutions by {}", serde_json::to_value(conv)?.as_str().unwrap_or("?"));
+        println!("{model_name}: convolutions by {}", conv.name());
         for (name, opt) in [("adam", ADAM), ("mada", MADA)] {
             let task = Task::Vision {
                 data: VisionData::FashionMnist { dir: fashion.clone() },

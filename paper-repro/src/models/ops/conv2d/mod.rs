@@ -34,6 +34,16 @@ pub enum ConvAlgorithm {
     ImplicitGemm,
 }
 
+impl ConvAlgorithm {
+    /// The name a config gives it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Im2col => "im2col",
+            Self::ImplicitGemm => "implicit-gemm",
+        }
+    }
+}
+
 /// The fewest input channels for which [`ConvAlgorithm::ImplicitGemm`] takes the implicit form.
 pub const IMPLICIT_MIN_CHANNELS: usize = 4;
 
@@ -362,6 +372,15 @@ mod tests {
     }
 
     const BOTH: [ConvAlgorithm; 2] = [ConvAlgorithm::Im2col, ConvAlgorithm::ImplicitGemm];
+
+    #[test]
+    fn an_algorithm_is_named_as_configs_and_the_command_line_spell_it() {
+        use clap::ValueEnum;
+        for a in BOTH {
+            assert_eq!(serde_json::to_value(a).unwrap(), a.name());
+            assert_eq!(a.to_possible_value().unwrap().get_name(), a.name());
+        }
+    }
 
     #[test]
     fn conv2d_matches_candle_forward_and_backward_by_either_algorithm() {
