@@ -115,6 +115,9 @@ impl CustomOp2 for MaxPool2x2Backward<'_> {
         let (x, dy) = (f32_slice(xs, xl)?, f32_slice(gs, gl)?);
         let (planes, h, w) = plane_dims(xl)?;
         let (ho, wo, p) = (h / 2, w / 2, (h / 2) * (w / 2));
+        if dy.len() != planes * p {
+            candle_core::bail!("max-pool backward: {} gradients for {} outputs", dy.len(), planes * p);
+        }
         let scanned;
         let winners = match self.winners {
             Some(won) if won.len() == planes * p => won,
@@ -123,9 +126,6 @@ impl CustomOp2 for MaxPool2x2Backward<'_> {
                 &scanned
             }
         };
-        if dy.len() != planes * p {
-            candle_core::bail!("max-pool backward: {} gradients for {} outputs", dy.len(), planes * p);
-        }
         let mut dx = Vec::with_capacity(x.len());
         dx.spare_capacity_mut()[..x.len()].par_chunks_mut(h * w).enumerate().for_each(|(i, d)| {
             let (won, g) = (&winners[i * p..][..p], &dy[i * p..][..p]);

@@ -73,6 +73,14 @@ impl Grid {
             }
         }
     }
+    /// The task's images `x` in their planes, padding zero.
+    fn padded(&self, g: &ConvShape, x: &[f32]) -> Vec<f32> {
+        let mut xp = vec![0f32; g.c * self.row()];
+        for (i, img) in x.chunks(g.c * g.h * g.w).enumerate() {
+            self.pad_into(g, i, img, &mut xp);
+        }
+        xp
+    }
     /// Copy image i (C, H, W) into its planes in `xp`, whose padding stays zero.
     fn pad_into(&self, g: &ConvShape, i: usize, img: &[f32], xp: &mut [f32]) {
         for (src, dst) in img.chunks(g.h * g.w).zip(xp.chunks_mut(self.row())) {
@@ -129,10 +137,7 @@ pub(super) fn forward_images(
     let img = g.c * g.h * g.w;
     let grid = Grid::new(g, x.len() / img);
     let oc = g.o * g.c;
-    let mut xp = vec![0f32; g.c * grid.row()];
-    for (i, ximg) in x.chunks(img).enumerate() {
-        grid.pad_into(g, i, ximg, &mut xp);
-    }
+    let xp = grid.padded(g, x);
     let mut y = Vec::<f32>::with_capacity(g.o * grid.l);
     let b = |t: usize| (&xp[grid.offset(g, t)..], grid.row(), 1);
     let acc = gemm_into_uninit(g.o, grid.l, g.c, y.spare_capacity_mut(), (&taps[..oc], g.c, 1), b(0));
@@ -161,10 +166,7 @@ pub(super) fn backward_images(g: &ConvShape, taps: &[f32], x: &[f32], dy: &[f32]
     let img = g.c * g.h * g.w;
     let grid = Grid::new(g, x.len() / img);
     let (oc, kk) = (g.o * g.c, g.k * g.k);
-    let mut xp = vec![0f32; g.c * grid.row()];
-    for (i, ximg) in x.chunks(img).enumerate() {
-        grid.pad_into(g, i, ximg, &mut xp);
-    }
+    let xp = grid.padded(g, x);
     // dY at its output positions' columns, zero in every other column.
     let mut dyw = vec![0f32; g.o * grid.l];
     for (i, dyimg) in dy.chunks(g.o * g.positions()).enumerate() {

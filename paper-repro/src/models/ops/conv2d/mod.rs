@@ -166,6 +166,8 @@ fn gradients(
     Ok((dx, packed.narrow(0, nx, nw)?.reshape(w.shape())?))
 }
 
+/// The convolution's geometry and algorithm: without a bias a [`CustomOp2`] of (x, w), with one
+/// a [`CustomOp3`] of (x, w, b).
 struct Conv2dOp {
     stride: usize,
     pad: usize,
@@ -193,13 +195,7 @@ impl CustomOp2 for Conv2dOp {
 /// The convolution with its bias: one pass over the output fewer than the convolution and
 /// [`add_channel_bias`](super::add_channel_bias), with the same values and gradients bit for bit
 /// (the bias gradient is that kernel's sum).
-struct Conv2dBiasOp {
-    stride: usize,
-    pad: usize,
-    algorithm: ConvAlgorithm,
-}
-
-impl CustomOp3 for Conv2dBiasOp {
+impl CustomOp3 for Conv2dOp {
     fn name(&self) -> &'static str {
         "conv2d-bias"
     }
@@ -295,7 +291,7 @@ pub fn conv2d(
     if on_fused_path(x) {
         let (x, w) = (x.contiguous()?, w.contiguous()?);
         match bias {
-            Some(b) => x.apply_op3(&w, &b.contiguous()?, Conv2dBiasOp { stride, pad, algorithm }),
+            Some(b) => x.apply_op3(&w, &b.contiguous()?, Conv2dOp { stride, pad, algorithm }),
             None => x.apply_op2(&w, Conv2dOp { stride, pad, algorithm }),
         }
     } else {
