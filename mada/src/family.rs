@@ -694,19 +694,31 @@ fn partial_sums_kernel<T: Float, const MAX: bool>(k: &Scalars<T>, views: HyperVi
                 weighted[q][i] = w[i] * p[q];
             }
         }
-        // Reduce: LANES running sums per coefficient, then the lanes in order.
-        for (q, row) in weighted.iter().enumerate() {
-            let mut lanes = [T::zero(); LANES];
-            let (body, tail) = row[..len].split_at(len - len % LANES);
-            for chunk in body.chunks_exact(LANES) {
+        // Reduce: LANES running sums per coefficient, then the lanes in order. The six
+        // coefficients' chains are independent, so they advance side by side (each in its own
+        // fixed order): one after the other, each chain's additions would wait on the last.
+        let mut lanes = [[T::zero(); LANES]; 6];
+        let body = len - len % LANES;
+        for start in (0..body).step_by(LANES) {
+            for q in 0..6 {
                 for l in 0..LANES {
-                    lanes[l] = lanes[l] + chunk[l];
+                    lanes[q][l] = lanes[q][l] + weighted[q][start + l];
                 }
             }
-            for (l, &x) in tail.iter().enumerate() {
-                lanes[l] = lanes[l] + x;
+        }
+        for l in 0..len - body {
+            for q in 0..6 {
+                lanes[q][l] = lanes[q][l] + weighted[q][body + l];
             }
-            total[q] += lanes.iter().fold(0.0, |acc, x| acc + x.f64());
+        }
+        let mut sums = [0.0f64; 6];
+        for lane in 0..LANES {
+            for (sum, row) in sums.iter_mut().zip(&lanes) {
+                *sum += row[lane].f64();
+            }
+        }
+        for (total, sum) in total.iter_mut().zip(sums) {
+            *total += sum;
         }
         start += len;
     }

@@ -334,3 +334,75 @@ fn an_underflowed_second_moment_gives_a_finite_hypergradient() {
     }
     assert!(both[0] != alone[0] && both[5] != alone[5]);
 }
+
+/// The hyper-gradient pass sums in the order its docs fix — blocks of BLOCK elements, within a
+/// block element i into lane i mod LANES (in order), the lanes added in f64 in lane order, the
+/// blocks in order — whatever the kernel's loop structure. Checked bit for bit in f32 against
+/// that order written out element by element, over lengths with partial groups and blocks, for
+/// the mean and the maximum, on one thread (the fold tree's split points are checked above).
+#[test]
+fn the_hypergradient_pass_sums_in_its_documented_order() {
+    for running in [RunningMoment::Mean, RunningMoment::Max] {
+        for n in [1usize, 15, 16, 17, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 37] {
+            let config = MadaConfig { running, ..MadaConfig::default() };
+            let mut opt =
+                Mada::<f32>::new(config, HyperConfig::mada([1e-3; 6]), Coefficients::avgrad(0.9, 0.95)).unwrap();
+            let mut x: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+            let grad = |x: &[f32], step: usize| -> Vec<f32> {
+                x.iter().enumerate().map(|(i, v)| v * (1.0 + (i % 3) as f32) + 0.01 * ((i + step) % 5) as f32).collect()
+            };
+            for step in 0..3 {
+                let g = grad(&x, step);
+                opt.step(&mut [&mut x[..]], &[&g[..]], 1e-2).unwrap();
+            }
+            let w = grad(&x, 3);
+            let s = opt.tensor_state(0).unwrap();
+            let k = Scalars::<f32>::new(&s.last_coefficients, s.t, s.last_lr, &config);
+            let mut total = [0.0f64; 6];
+            for block in (0..n).step_by(BLOCK) {
+                let mut lanes = [[0.0f32; LANES]; 6];
+                for i in block..n.min(block + BLOCK) {
+                    let (sign, chi) = match running {
+                        RunningMoment::Max => unpack_sign_chi(s.lion_sign[i]),
+                        RunningMoment::Mean => (f32::of_i8(s.lion_sign[i]), 0.0),
+                    };
+                    let p = match running {
+                        RunningMoment::Max => element_partials::<f32, true>(
+                            &k,
+                            s.g_prev[i],
+                            s.d_prev[i],
+                            s.v_prev[i],
+                            s.m[i],
+                            s.v[i],
+                            s.v_mean[i],
+                            s.n[i],
+                            sign,
+                            chi,
+                        ),
+                        RunningMoment::Mean => element_partials::<f32, false>(
+                            &k,
+                            s.g_prev[i],
+                            s.d_prev[i],
+                            s.v_prev[i],
+                            s.m[i],
+                            s.v[i],
+                            s.v_mean[i],
+                            s.n[i],
+                            sign,
+                            chi,
+                        ),
+                    };
+                    for q in 0..6 {
+                        lanes[q][(i - block) % LANES] += w[i] * p[q];
+                    }
+                }
+                for q in 0..6 {
+                    total[q] += lanes[q].iter().fold(0.0, |acc, &x| acc + x as f64);
+                }
+            }
+            let expected = total.map(|t| -s.last_lr * t);
+            let got = opt.hypergradient_of_tensor(0, &w).unwrap();
+            assert_eq!(got.map(f64::to_bits), expected.map(f64::to_bits), "{running:?}, {n} elements");
+        }
+    }
+}
