@@ -366,31 +366,25 @@ fn the_hypergradient_pass_sums_in_its_documented_order() {
                         RunningMoment::Max => unpack_sign_chi(s.lion_sign[i]),
                         RunningMoment::Mean => (f32::of_i8(s.lion_sign[i]), 0.0),
                     };
+                    macro_rules! partials {
+                        ($max:literal) => {
+                            element_partials::<f32, $max>(
+                                &k,
+                                s.g_prev[i],
+                                s.d_prev[i],
+                                s.v_prev[i],
+                                s.m[i],
+                                s.v[i],
+                                s.v_mean[i],
+                                s.n[i],
+                                sign,
+                                chi,
+                            )
+                        };
+                    }
                     let p = match running {
-                        RunningMoment::Max => element_partials::<f32, true>(
-                            &k,
-                            s.g_prev[i],
-                            s.d_prev[i],
-                            s.v_prev[i],
-                            s.m[i],
-                            s.v[i],
-                            s.v_mean[i],
-                            s.n[i],
-                            sign,
-                            chi,
-                        ),
-                        RunningMoment::Mean => element_partials::<f32, false>(
-                            &k,
-                            s.g_prev[i],
-                            s.d_prev[i],
-                            s.v_prev[i],
-                            s.m[i],
-                            s.v[i],
-                            s.v_mean[i],
-                            s.n[i],
-                            sign,
-                            chi,
-                        ),
+                        RunningMoment::Max => partials!(true),
+                        RunningMoment::Mean => partials!(false),
                     };
                     for q in 0..6 {
                         lanes[q][(i - block) % LANES] += w[i] * p[q];
