@@ -9,21 +9,6 @@ use std::time::Instant;
 
 use mada::{AnyOptimizer, Coefficients, HyperConfig, Mada, MadaConfig, Optimizer, OptimizerSpec};
 
-/// Median seconds per call of `f` over `reps` calls after 2 warm-up calls.
-fn median_seconds(reps: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    f();
-    let mut times: Vec<f64> = (0..reps)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    times[reps / 2]
-}
-
 fn data(n: usize) -> (Vec<f32>, Vec<f32>) {
     let x = (0..n).map(|i| ((i.wrapping_mul(2654435761) % 2000) as f32 - 1000.0) * 1e-3).collect();
     let g = (0..n).map(|i| ((i.wrapping_mul(40503) % 2000) as f32 - 1000.0) * 1e-4).collect();
@@ -57,6 +42,11 @@ fn rounds(reps: usize, work: &mut [&mut dyn FnMut()]) -> Vec<Vec<f64>> {
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     xs[xs.len() / 2]
+}
+
+/// Median seconds per call of `f` over `reps` calls after 2 warm-up calls.
+fn median_seconds(reps: usize, mut f: impl FnMut()) -> f64 {
+    median(rounds(reps, &mut [&mut f]).remove(0))
 }
 
 /// The median over rounds of `scale · a / b`.
@@ -174,7 +164,7 @@ fn main() {
             }
         };
         let mut streams = same_streams(n);
-        let t = rounds(
+        let times = rounds(
             reps,
             &mut [
                 &mut || step(&mut mada, &mut x_mada, &g),
@@ -184,7 +174,9 @@ fn main() {
                 &mut || step(&mut frozen, &mut x_frozen, &g),
             ],
         );
-        let [t_mada, t_triads, t_streams, t_adam, t_frozen] = [0, 1, 2, 3, 4].map(|w| median(t[w].clone()));
+        let [mada_s, triads_s, streams_s, adam_s, frozen_s]: [Vec<f64>; 5] = times.try_into().unwrap();
+        let [t_mada, t_triads, t_streams, t_adam, t_frozen] =
+            [&mada_s, &triads_s, &streams_s, &adam_s, &frozen_s].map(|s| median(s.clone()));
         let t_triad = t_triads / TRIAD_PASSES as f64;
         // The hyper-gradient pass alone (state after the steps above).
         let t_hyper = median_seconds(reps, || {
@@ -196,8 +188,8 @@ fn main() {
         println!("  of which the hyper-gradient pass: {:.3} ms", t_hyper * 1e3);
         println!("mada step, frozen ({label} f32): {:.3} ms", t_frozen * 1e3);
         println!("memory yardstick, 3 reads + 1 write ({label} f32): {:.3} ms = {gbps:.1} GB/s", t_triad * 1e3);
-        println!("mada/adam step ratio ({label} f32): {:.2}", median_ratio(&t[0], &t[3], 1.0));
-        println!("mada-frozen/adam step ratio ({label} f32): {:.2}", median_ratio(&t[4], &t[3], 1.0));
+        println!("mada/adam step ratio ({label} f32): {:.2}", median_ratio(&mada_s, &adam_s, 1.0));
+        println!("mada-frozen/adam step ratio ({label} f32): {:.2}", median_ratio(&frozen_s, &adam_s, 1.0));
         // The floor: the bytes the step must move at the yardstick's bandwidth, i.e. the triads'
         // time scaled from their 16·TRIAD_PASSES bytes per element to the step's.
         let floor_scale = (16 * TRIAD_PASSES) as f64 / MADA_BYTES_PER_PARAM as f64;
@@ -205,13 +197,16 @@ fn main() {
             "mada step memory-traffic floor ({label} f32, {MADA_BYTES_PER_PARAM} bytes/parameter): {:.3} ms",
             t_triads / floor_scale * 1e3
         );
-        println!("mada step / memory-traffic floor ({label} f32): {:.2}", median_ratio(&t[0], &t[1], floor_scale));
+        println!(
+            "mada step / memory-traffic floor ({label} f32): {:.2}",
+            median_ratio(&mada_s, &triads_s, floor_scale)
+        );
         println!(
             "memory yardstick, the mada step's streams (17 reads + 9 writes, {MADA_BYTES_PER_PARAM} bytes/parameter, {label} f32): {:.3} ms = {:.1} GB/s",
             t_streams * 1e3,
             (MADA_BYTES_PER_PARAM * n) as f64 / t_streams / 1e9
         );
-        println!("mada step / same-streams yardstick ({label} f32): {:.2}", median_ratio(&t[0], &t[2], 1.0));
+        println!("mada step / same-streams yardstick ({label} f32): {:.2}", median_ratio(&mada_s, &streams_s, 1.0));
     }
     println!("optimizer state, bytes per f32 parameter:");
     for spec in [
