@@ -160,14 +160,18 @@ pub(super) fn forward_images(
     }
 }
 
-/// One task's images: returns their dW [O, C, k, k] (per tap, dW_t = dY · (Xp shifted by t)ᵀ)
-/// and, with `dx`, writes dx = the interiors of Σ_t W_tᵀ · dY placed at tap t's offset into it.
+/// One task's images: returns their dW tap-major, (k², C, O), per tap dW_tᵀ = (Xp shifted by t) ·
+/// dYᵀ ([`kernel_from_taps`] puts the tasks' sum in the kernel's order), and, with `dx`, writes
+/// dx = the interiors of Σ_t W_tᵀ · dY placed at tap t's offset into it.
 pub(super) fn backward_images(g: &ConvShape, taps: &[f32], x: &[f32], dy: &[f32], dx: Option<&mut [f32]>) -> Vec<f32> {
     let img = g.c * g.h * g.w;
     let grid = Grid::new(g, x.len() / img);
     let (oc, kk) = (g.o * g.c, g.k * g.k);
     let xp = grid.padded(g, x);
-    // dY at its output positions' columns, zero in every other column.
+    // dY at its output positions' columns, zero in every other column: row-major ([O, L]) for
+    // the input gradient's products, and column-major ([L, O], output channel fastest) for the
+    // weights'. The gemm crate then reads every operand as it lies; otherwise each of the k²
+    // weight products would first gather the shifted input, C × L elements one by one.
     let mut dyw = vec![0f32; g.o * grid.l];
     for (i, dyimg) in dy.chunks(g.o * g.positions()).enumerate() {
         for (ch, plane) in dyimg.chunks(g.positions()).enumerate() {
@@ -176,11 +180,12 @@ pub(super) fn backward_images(g: &ConvShape, taps: &[f32], x: &[f32], dy: &[f32]
             }
         }
     }
+    let dyt = transposed(&dyw, g.o, grid.l);
     let mut dw_taps = Vec::<f32>::with_capacity(kk * oc);
     let spare = &mut dw_taps.spare_capacity_mut()[..kk * oc];
     for (t, dwt) in spare.chunks_mut(oc).enumerate() {
-        // dW_t [O, C] = dY [O, L] · (Xp shifted by t)ᵀ [L, C]
-        gemm_into_uninit(g.o, g.c, grid.l, dwt, (&dyw, grid.l, 1), (&xp[grid.offset(g, t)..], 1, grid.row()));
+        // dW_tᵀ [C, O] = (Xp shifted by t) [C, L] · dYᵀ [L, O]
+        gemm_into_uninit(g.c, g.o, grid.l, dwt, (&xp[grid.offset(g, t)..], grid.row(), 1), (&dyt, g.o, 1));
     }
     // SAFETY: the chunks partition the kk·oc elements, and each product wrote all of its chunk.
     unsafe { dw_taps.set_len(kk * oc) };
@@ -196,12 +201,36 @@ pub(super) fn backward_images(g: &ConvShape, taps: &[f32], x: &[f32], dy: &[f32]
             grid.unpad_from(g, i, &dxp, dximg);
         }
     }
-    // (k², O, C) back to the kernel's (O, C, k, k).
+    dw_taps
+}
+
+/// A kernel gradient as [`backward_images`] returns it, (k², C, O), in the kernel's (O, C, k, k)
+/// order. A permutation: applied to the tasks' sum, it gives the sum of the permuted partials.
+pub(super) fn kernel_from_taps(g: &ConvShape, dw_taps: &[f32]) -> Vec<f32> {
+    let kk = g.k * g.k;
     let mut dw = vec![0f32; dw_taps.len()];
-    for (t, dwt) in dw_taps.chunks(oc).enumerate() {
-        for (i, &v) in dwt.iter().enumerate() {
-            dw[i * kk + t] = v;
+    for (t, dwt) in dw_taps.chunks(g.o * g.c).enumerate() {
+        for (c, row) in dwt.chunks(g.o).enumerate() {
+            for (o, &v) in row.iter().enumerate() {
+                dw[(o * g.c + c) * kk + t] = v;
+            }
         }
     }
     dw
+}
+
+/// `a` (rows × cols, row-major) transposed, (cols × rows): by blocks of 16 columns, so that the
+/// rows' reads and the block's writes both stay within a few cache lines each.
+fn transposed(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const BLOCK: usize = 16;
+    let mut t = vec![0f32; a.len()];
+    for j0 in (0..cols).step_by(BLOCK) {
+        let width = BLOCK.min(cols - j0);
+        for (r, row) in a.chunks_exact(cols).enumerate() {
+            for (dj, &v) in row[j0..j0 + width].iter().enumerate() {
+                t[(j0 + dj) * rows + r] = v;
+            }
+        }
+    }
+    t
 }

@@ -274,6 +274,9 @@ impl CustomOp2 for Conv2dBackward {
                 *t += v;
             }
         }
+        if let Plan::Implicit(_) = plan {
+            dw_total.copy_from_slice(&implicit::kernel_from_taps(&g, dw_total));
+        }
         Ok((CpuStorage::F32(out), Shape::from(nx + w.len())))
     }
 }
