@@ -7,7 +7,8 @@
 //! of Wq = ⌈Wp/s⌉ (for s = 1, the padded image itself). A task's images lie side by side:
 //! channel c, phase f, image i is the plane at ((c·s² + f)·images + i)·Hq·Wq. Output position
 //! (oy, ox) of image i is column j = i·Hq·Wq + oy·Wq + ox of a product of
-//! L = (images − 1)·Hq·Wq + (Ho − 1)·Wq + Wo columns, and tap (ki, kj) reads padded position
+//! L = (images − 1)·Hq·Wq + (Ho − 1)·Wq + Wo columns (rounded up to the gemm crate's 16 lanes:
+//! [`LANES`]), and tap (ki, kj) reads padded position
 //! (oy·s + ki, ox·s + kj), which is phase (ki mod s, kj mod s) at j + ⌊ki/s⌋·Wq + ⌊kj/s⌋: each
 //! tap is one GEMM of K = C whose right operand is the phase planes themselves, shifted, with
 //! row stride s²·images·Hq·Wq, for all the task's images at once. The columns that are no
@@ -30,25 +31,43 @@ struct Grid {
     /// Hq·Wq, one phase plane.
     plane: usize,
     images: usize,
-    /// Columns of the products (the last one is the last image's last output position).
+    /// Columns of the products: up to the last image's last output position, rounded up to a
+    /// multiple of [`LANES`] where they still fit in one channel's planes ([`Grid::row`]).
     l: usize,
 }
+
+/// The gemm crate's f32 vector width. It copies an operand whose rows along its vectors are not
+/// a multiple of this into a packed buffer before every product; the products' columns are
+/// rounded up to it so that none is copied. The columns past the last output position are
+/// computed and dropped in the forward and fed zeros in the backward like the others, and they
+/// read or write at most `LANES − 1` elements past a channel's last phase plane: the padded
+/// buffers end with that much slack ([`Grid::len`]).
+const LANES: usize = 16;
 
 impl Grid {
     fn new(g: &ConvShape, images: usize) -> Self {
         debug_assert!(g.stride > 0 && images > 0);
         let s = g.stride;
         let (hq, wq) = ((g.h + 2 * g.pad).div_ceil(s), (g.w + 2 * g.pad).div_ceil(s));
-        Self { s, wq, plane: hq * wq, images, l: (images - 1) * hq * wq + (g.ho - 1) * wq + g.wo }
+        let (plane, last) = (hq * wq, (images - 1) * hq * wq + (g.ho - 1) * wq + g.wo);
+        // Rounded up only where the columns still fit in one channel's planes, so that no two
+        // elements of the input gradient's products alias.
+        let l = Some(last.next_multiple_of(LANES)).filter(|&l| l <= s * s * images * plane).unwrap_or(last);
+        Self { s, wq, plane, images, l }
+    }
+    /// Elements of a task's padded buffer (all channels' phase planes, then the slack).
+    fn len(&self, g: &ConvShape) -> usize {
+        g.c * self.row() + LANES
     }
     /// Elements of one channel's phase planes, the row stride of every product.
     fn row(&self) -> usize {
         self.s * self.s * self.images * self.plane
     }
     /// Where tap t = ki·k + kj starts reading a channel's planes. The last element a tap's
-    /// product reads or writes in its phase is ⌊ki/s⌋·Wq + ⌊kj/s⌋ + L − 1 past the phase's first
-    /// image, inside its last image's plane: ⌊ki/s⌋ + Ho − 1 ≤ Hq − 1 because
-    /// Ho = ⌊(Hp − k)/s⌋ + 1 and ⌈Hp/s⌉ ≥ ⌊(Hp − k)/s⌋ + ⌈k/s⌉ (columns alike).
+    /// product reads or writes for an output position is ⌊ki/s⌋·Wq + ⌊kj/s⌋ + L − 1 past the
+    /// phase's first image (L unrounded), inside its last image's plane: ⌊ki/s⌋ + Ho − 1 ≤ Hq − 1
+    /// because Ho = ⌊(Hp − k)/s⌋ + 1 and ⌈Hp/s⌉ ≥ ⌊(Hp − k)/s⌋ + ⌈k/s⌉ (columns alike). The
+    /// rounded columns reach at most `LANES − 1` further.
     fn offset(&self, g: &ConvShape, t: usize) -> usize {
         let (ki, kj) = (t / g.k, t % g.k);
         let phase = (ki % self.s) * self.s + kj % self.s;
@@ -75,7 +94,7 @@ impl Grid {
     }
     /// The task's images `x` in their planes, padding zero.
     fn padded(&self, g: &ConvShape, x: &[f32]) -> Vec<f32> {
-        let mut xp = vec![0f32; g.c * self.row()];
+        let mut xp = vec![0f32; self.len(g)];
         for (i, img) in x.chunks(g.c * g.h * g.w).enumerate() {
             self.pad_into(g, i, img, &mut xp);
         }
@@ -190,10 +209,10 @@ pub(super) fn backward_images(g: &ConvShape, taps: &[f32], x: &[f32], dy: &[f32]
     // SAFETY: the chunks partition the kk·oc elements, and each product wrote all of its chunk.
     unsafe { dw_taps.set_len(kk * oc) };
     if let Some(dx) = dx {
-        let mut dxp = vec![0f32; g.c * grid.row()];
+        let mut dxp = vec![0f32; grid.len(g)];
         for t in 0..kk {
             // (dXp shifted by t) [C, L] += W_tᵀ [C, O] · dY [O, L]; within one product no two
-            // elements alias (L ≤ one phase's planes), and the products run one after another.
+            // elements alias (L ≤ one channel's planes), and the products run one after another.
             let dst = (&mut dxp[grid.offset(g, t)..], grid.row());
             gemm_strided(g.c, grid.l, g.o, dst, true, 1.0, (&taps[t * oc..], 1, g.c), (&dyw, grid.l, 1));
         }
