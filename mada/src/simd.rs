@@ -45,7 +45,9 @@ pub fn has_avx2() -> bool {
 
 /// `simd_kernel!(pub(crate) fn name[generics](args) -> Ret = inner[generic args]);` defines
 /// `name`, which calls the `#[inline(always)]` kernel `inner` compiled with AVX-512F when
-/// [`has_avx512`], with AVX2 when [`has_avx2`], and as built otherwise.
+/// [`has_avx512`], with AVX2 when [`has_avx2`], and as built otherwise. Exported for the fused
+/// training kernels of the workspace's other crates, which are built for the same baseline.
+#[macro_export]
 macro_rules! simd_kernel {
     ($vis:vis fn $name:ident [$($gen:tt)*] ($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? = $inner:ident [$($call:tt)*]) => {
         $vis fn $name<$($gen)*>($($arg: $ty),*) $(-> $ret)? {
@@ -72,4 +74,4 @@ macro_rules! simd_kernel {
         }
     };
 }
-pub(crate) use simd_kernel;
+pub use crate::simd_kernel;

@@ -6,62 +6,108 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use mada::simd_kernel;
+
 use super::{f32_slice, on_fused_path, par_collect, Result};
 
 const BN_EPS: f32 = 1e-5;
 
-/// Partial sums per plane: the loops below keep this many f32 sums side by side, which the
-/// compiler turns into one vector register of additions; a single running sum instead waits on
-/// every addition's latency (these passes were 16% of the ResNet-8's step that way).
-const LANES: usize = 8;
+/// Partial sums per channel: the loops below keep this many f32 sums side by side, which the
+/// compiler turns into a few vector registers of independent additions (two with AVX-512: the
+/// kernels are compiled per instruction set by [`simd_kernel`]); one running sum instead waits on every addition's latency (16% of the
+/// ResNet-8's step that way), and 8 lanes in the baseline's 128-bit registers were still bound
+/// by it (9% of the step).
+const LANES: usize = 32;
 
-/// Σ f(v) over a plane: LANES f32 partial sums, then the lanes and the remainder added in f64.
+/// Σ f over one channel's planes: each plane into LANES f32 partial sums (element j of the plane
+/// into lane j mod LANES), flushed lane by lane into LANES f64 sums after every plane, whose lanes
+/// are added in order at the end. The f32 sums hold at most ⌈H·W/LANES⌉ terms.
 #[inline(always)]
-fn lane_sum(a: &[f32], f: impl Fn(f32) -> f32) -> f64 {
-    let mut acc = [0f32; LANES];
-    let chunks = a.chunks_exact(LANES);
-    let rest = chunks.remainder().iter().map(|&v| f(v) as f64).sum::<f64>();
-    for ch in chunks {
-        for (s, &v) in acc.iter_mut().zip(ch) {
+fn channel_sum<'a>(planes: impl Iterator<Item = &'a [f32]>, f: impl Fn(f32) -> f32) -> f64 {
+    let mut total = [0f64; LANES];
+    for a in planes {
+        let mut acc = [0f32; LANES];
+        let chunks = a.chunks_exact(LANES);
+        let rest = chunks.remainder();
+        for ch in chunks {
+            let ch: &[f32; LANES] = ch.try_into().expect("chunks_exact");
+            for l in 0..LANES {
+                acc[l] += f(ch[l]);
+            }
+        }
+        for (s, &v) in acc.iter_mut().zip(rest) {
             *s += f(v);
         }
+        for (t, &s) in total.iter_mut().zip(&acc) {
+            *t += s as f64;
+        }
     }
-    acc.iter().map(|&v| v as f64).sum::<f64>() + rest
+    total.iter().sum()
 }
 
-/// (Σ f(a, b).0, Σ f(a, b).1) over two planes of one length, as [`lane_sum`].
+/// (Σ f(a, b).0, Σ f(a, b).1) over one channel's pairs of planes, each as [`channel_sum`].
 #[inline(always)]
-fn lane_sum_pair(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> (f32, f32)) -> (f64, f64) {
-    let (mut p, mut q) = ([0f32; LANES], [0f32; LANES]);
-    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let rest = ca.remainder().iter().zip(cb.remainder()).fold((0f64, 0f64), |(s, t), (&u, &v)| {
-        let (x, y) = f(u, v);
-        (s + x as f64, t + y as f64)
-    });
-    for (ua, ub) in ca.zip(cb) {
-        for l in 0..LANES {
-            let (x, y) = f(ua[l], ub[l]);
+fn channel_sum_pair<'a>(
+    planes: impl Iterator<Item = (&'a [f32], &'a [f32])>,
+    f: impl Fn(f32, f32) -> (f32, f32),
+) -> (f64, f64) {
+    let (mut total_p, mut total_q) = ([0f64; LANES], [0f64; LANES]);
+    for (a, b) in planes {
+        let (mut p, mut q) = ([0f32; LANES], [0f32; LANES]);
+        let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+        let (ra, rb) = (ca.remainder(), cb.remainder());
+        for (ua, ub) in ca.zip(cb) {
+            let (ua, ub): (&[f32; LANES], &[f32; LANES]) =
+                (ua.try_into().expect("chunks_exact"), ub.try_into().expect("chunks_exact"));
+            for l in 0..LANES {
+                let (x, y) = f(ua[l], ub[l]);
+                p[l] += x;
+                q[l] += y;
+            }
+        }
+        for (l, (&u, &v)) in ra.iter().zip(rb).enumerate() {
+            let (x, y) = f(u, v);
             p[l] += x;
             q[l] += y;
         }
+        for l in 0..LANES {
+            total_p[l] += p[l] as f64;
+            total_q[l] += q[l] as f64;
+        }
     }
-    let total = |acc: [f32; LANES]| acc.iter().map(|&v| v as f64).sum::<f64>();
-    (total(p) + rest.0, total(q) + rest.1)
+    (total_p.iter().sum(), total_q.iter().sum())
 }
 
 /// Per channel c of x (N, C, H, W): the mean and the biased variance (around the f32 mean)
-/// over (N, H, W); each plane summed as [`lane_sum`], the planes in f64.
+/// over (N, H, W), each as [`channel_sum`].
 fn channel_moments(x: &[f32], n: usize, c: usize, hw: usize) -> ChannelMoments {
-    (0..c)
-        .into_par_iter()
-        .map(|ch| {
-            let count = (n * hw) as f64;
-            let plane = |i: usize| &x[(i * c + ch) * hw..][..hw];
-            let mean = ((0..n).map(|i| lane_sum(plane(i), |v| v)).sum::<f64>() / count) as f32;
-            let var = (0..n).map(|i| lane_sum(plane(i), |v| (v - mean) * (v - mean))).sum::<f64>() / count;
-            (mean, var as f32)
-        })
-        .collect()
+    (0..c).into_par_iter().map(|ch| moments_of_channel(x, (n, c, hw), ch)).collect()
+}
+
+simd_kernel!(fn moments_of_channel[](x: &[f32], nchw: (usize, usize, usize), ch: usize) -> (f32, f32) = moments_of_channel_kernel[]);
+
+#[inline(always)]
+fn moments_of_channel_kernel(x: &[f32], (n, c, hw): (usize, usize, usize), ch: usize) -> (f32, f32) {
+    let count = (n * hw) as f64;
+    let planes = || (0..n).map(|i| &x[(i * c + ch) * hw..][..hw]);
+    let mean = (channel_sum(planes(), |v| v) / count) as f32;
+    let var = channel_sum(planes(), |v| (v - mean) * (v - mean)) / count;
+    (mean, var as f32)
+}
+
+simd_kernel!(fn backward_sums_of_channel[](dy: &[f32], x: &[f32], nchw: (usize, usize, usize), ch: usize, stats: (f32, f32)) -> (f64, f64) = backward_sums_of_channel_kernel[]);
+
+/// Σ dy and Σ dy·x̂ over channel ch, as [`channel_sum_pair`].
+#[inline(always)]
+fn backward_sums_of_channel_kernel(
+    dy: &[f32],
+    x: &[f32],
+    (n, c, hw): (usize, usize, usize),
+    ch: usize,
+    (mean, rstd): (f32, f32),
+) -> (f64, f64) {
+    let planes = (0..n).map(|i| (i * c + ch) * hw).map(|base| (&dy[base..base + hw], &x[base..base + hw]));
+    channel_sum_pair(planes, |g, xv| (g, g * (xv - mean) * rstd))
 }
 
 /// Per channel: (mean, 1/√(var + ε)).
@@ -147,19 +193,9 @@ impl CustomOp2 for BatchNormBackward {
             Some(s) if s.len() == c => s.clone(),
             _ => channel_stats(&channel_moments(x, n, c, hw)),
         };
-        // Per channel: Σ dy and Σ dy·x̂, each plane as lane_sum_pair, the planes in f64.
-        let sums: Vec<(f64, f64)> = (0..c)
-            .into_par_iter()
-            .map(|ch| {
-                let (mean, rstd) = stats[ch];
-                (0..n).fold((0f64, 0f64), |(s, sx), i| {
-                    let base = (i * c + ch) * hw;
-                    let (a, b) =
-                        lane_sum_pair(&dy[base..base + hw], &x[base..base + hw], |g, xv| (g, g * (xv - mean) * rstd));
-                    (s + a, sx + b)
-                })
-            })
-            .collect();
+        // Per channel: Σ dy and Σ dy·x̂, as channel_sum_pair.
+        let sums: Vec<(f64, f64)> =
+            (0..c).into_par_iter().map(|ch| backward_sums_of_channel(dy, x, (n, c, hw), ch, stats[ch])).collect();
         let m = (n * hw) as f64;
         // [dx | dγ]: dx plane by plane, in parallel, as plain slice loops (they vectorize), into
         // memory each element of which is written once.
@@ -249,6 +285,31 @@ mod tests {
             let nx = n * c * h * w;
             assert_eq!(bits(g.get(x.as_tensor()).unwrap()), bits(&packed.narrow(0, 0, nx).unwrap()));
             assert_eq!(bits(g.get(gamma.as_tensor()).unwrap()), bits(&packed.narrow(0, nx, c).unwrap()));
+        }
+    }
+
+    #[test]
+    fn the_sums_are_the_same_bits_whichever_instruction_set_runs_them() {
+        // The dispatched kernels run as AVX-512 or AVX2 twins where the CPU has them; the
+        // kernels called directly here are compiled for the test's own (baseline) target.
+        let dev = candle_core::Device::Cpu;
+        for (n, c, hw) in [(5, 3, 49), (3, 2, 196), (2, 2, 784), (4, 3, 7)] {
+            let x =
+                Tensor::randn(0f32, 1.0, n * c * hw, &dev).unwrap().affine(3.0, 2.0).unwrap().to_vec1::<f32>().unwrap();
+            let dy = Tensor::randn(0f32, 1.0, n * c * hw, &dev).unwrap().to_vec1::<f32>().unwrap();
+            for ch in 0..c {
+                let (mean, var) = moments_of_channel(&x, (n, c, hw), ch);
+                let baseline = moments_of_channel_kernel(&x, (n, c, hw), ch);
+                assert_eq!(
+                    (mean.to_bits(), var.to_bits()),
+                    (baseline.0.to_bits(), baseline.1.to_bits()),
+                    "{n}×{c}×{hw}"
+                );
+                let stats = (mean, 1.0 / (var + BN_EPS).sqrt());
+                let (a, b) = backward_sums_of_channel(&dy, &x, (n, c, hw), ch, stats);
+                let baseline = backward_sums_of_channel_kernel(&dy, &x, (n, c, hw), ch, stats);
+                assert_eq!((a.to_bits(), b.to_bits()), (baseline.0.to_bits(), baseline.1.to_bits()), "{n}×{c}×{hw}");
+            }
         }
     }
 
