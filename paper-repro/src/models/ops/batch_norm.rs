@@ -14,9 +14,9 @@ const BN_EPS: f32 = 1e-5;
 
 /// Partial sums per channel: the loops below keep this many f32 sums side by side, which the
 /// compiler turns into a few vector registers of independent additions (two with AVX-512: the
-/// kernels are compiled per instruction set by [`simd_kernel`]); one running sum instead waits on every addition's latency (16% of the
-/// ResNet-8's step that way), and 8 lanes in the baseline's 128-bit registers were still bound
-/// by it (9% of the step).
+/// kernels are compiled per instruction set by [`simd_kernel`]); one running sum instead waits
+/// on every addition's latency (16% of the ResNet-8's step that way), and 8 lanes in the
+/// baseline's 128-bit registers were still bound by it (9% of the step).
 const LANES: usize = 32;
 
 /// Σ f over one channel's planes: each plane into LANES f32 partial sums (element j of the plane
@@ -84,7 +84,8 @@ fn channel_moments(x: &[f32], n: usize, c: usize, hw: usize) -> ChannelMoments {
     (0..c).into_par_iter().map(|ch| moments_of_channel(x, (n, c, hw), ch)).collect()
 }
 
-simd_kernel!(fn moments_of_channel[](x: &[f32], nchw: (usize, usize, usize), ch: usize) -> (f32, f32) = moments_of_channel_kernel[]);
+simd_kernel!(fn moments_of_channel[](x: &[f32], nchw: (usize, usize, usize), ch: usize) -> (f32, f32)
+    = moments_of_channel_kernel[]);
 
 #[inline(always)]
 fn moments_of_channel_kernel(x: &[f32], (n, c, hw): (usize, usize, usize), ch: usize) -> (f32, f32) {
@@ -95,7 +96,13 @@ fn moments_of_channel_kernel(x: &[f32], (n, c, hw): (usize, usize, usize), ch: u
     (mean, var as f32)
 }
 
-simd_kernel!(fn backward_sums_of_channel[](dy: &[f32], x: &[f32], nchw: (usize, usize, usize), ch: usize, stats: (f32, f32)) -> (f64, f64) = backward_sums_of_channel_kernel[]);
+simd_kernel!(fn backward_sums_of_channel[](
+    dy: &[f32],
+    x: &[f32],
+    nchw: (usize, usize, usize),
+    ch: usize,
+    stats: (f32, f32),
+) -> (f64, f64) = backward_sums_of_channel_kernel[]);
 
 /// Σ dy and Σ dy·x̂ over channel ch, as [`channel_sum_pair`].
 #[inline(always)]
