@@ -93,12 +93,9 @@ pub(crate) fn par_collect<I: Iterator<Item = f32>>(
     chunk: usize,
     values: impl Fn(usize) -> I + Sync,
 ) -> Result<Vec<f32>> {
-    use rayon::prelude::*;
-    let mut out = Vec::with_capacity(len);
-    let written: usize = out.spare_capacity_mut()[..len]
-        .par_chunks_mut(chunk.max(1))
-        .enumerate()
-        .map(|(i, dst)| {
+    // SAFETY: n counts the elements written from the chunk's start.
+    unsafe {
+        par_fill(len, chunk, |i, dst| {
             let mut n = 0;
             for (d, v) in dst.iter_mut().zip(values(i)) {
                 d.write(v);
@@ -106,14 +103,57 @@ pub(crate) fn par_collect<I: Iterator<Item = f32>>(
             }
             n
         })
-        .sum();
+    }
+}
+
+/// [`par_collect`] for kernels that write a chunk's slice themselves (a kernel compiled per
+/// instruction set by [`mada::simd_kernel`] cannot take the iterator, whose code would be
+/// compiled for the baseline): `fill(i, chunk_i)` writes chunk i from its start and returns how
+/// many elements it wrote. Fewer than the chunk holds is an error, never uninitialized memory.
+///
+/// # Safety
+/// `fill` must have written the first n elements of its chunk, n being what it returns.
+pub(crate) unsafe fn par_fill(
+    len: usize,
+    chunk: usize,
+    fill: impl Fn(usize, &mut [std::mem::MaybeUninit<f32>]) -> usize + Sync,
+) -> Result<Vec<f32>> {
+    let mut out = Vec::with_capacity(len);
+    // SAFETY: passed on from the caller.
+    unsafe { par_fill_chunks(&mut out.spare_capacity_mut()[..len], chunk, |i, dst| (fill(i, dst), ())) }?;
+    // SAFETY: par_fill_chunks returned Ok: all len elements are written.
+    unsafe { out.set_len(len) };
+    Ok(out)
+}
+
+/// The core of [`par_fill`], for kernels that also return a value per chunk (in chunk order):
+/// fills `dst` in chunks of `chunk`, in parallel, and errs unless every element was written.
+///
+/// # Safety
+/// As [`par_fill`]: `fill` must have written the first n elements of its chunk, n being the
+/// count it returns.
+pub(crate) unsafe fn par_fill_chunks<R: Send>(
+    dst: &mut [std::mem::MaybeUninit<f32>],
+    chunk: usize,
+    fill: impl Fn(usize, &mut [std::mem::MaybeUninit<f32>]) -> (usize, R) + Sync,
+) -> Result<Vec<R>> {
+    use rayon::prelude::*;
+    let len = dst.len();
+    let (counts, results): (Vec<usize>, Vec<R>) = dst
+        .par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .map(|(i, d)| {
+            let (n, r) = fill(i, d);
+            (n.min(d.len()), r)
+        })
+        .unzip();
+    // The chunks partition dst and each count is at most its chunk's length and counts the
+    // elements written from its start: they sum to len only if every element is written.
+    let written: usize = counts.iter().sum();
     if written != len {
         candle_core::bail!("fused op: {written} of {len} output elements computed");
     }
-    // SAFETY: the chunks partition 0..len, each chunk's count is at most its length and counts
-    // the elements written from its start, and the counts sum to len: every element is written.
-    unsafe { out.set_len(len) };
-    Ok(out)
+    Ok(results)
 }
 
 /// Rows of work per rayon task.
@@ -198,6 +238,53 @@ mod patched_candle {
     use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor, Var};
 
     use super::testing::bits;
+
+    #[test]
+    fn a_matmul_writes_every_element_of_its_unfilled_destination() {
+        // The patched matmul does not zero-fill its output first. Recycled blocks full of NaN
+        // are freed first, so an element the gemm crate did not write would show as NaN here
+        // (or as a wrong value) — every branch: one product, batches, a batch-invariant rhs
+        // folded into one product, a transposed operand, and k = 0.
+        let dev = Device::Cpu;
+        for n in [1usize << 10, 1 << 16, 1 << 20] {
+            drop(std::hint::black_box(vec![f32::NAN; n]));
+        }
+        let naive = |a: &[f32], b: &[f32], (m, k, n): (usize, usize, usize)| -> Vec<f32> {
+            let mut c = vec![0f32; m * n];
+            for i in 0..m {
+                for j in 0..n {
+                    c[i * n + j] = (0..k).map(|l| a[i * k + l] * b[l * n + j]).sum();
+                }
+            }
+            c
+        };
+        for (batch, m, k, n) in [(1, 70, 33, 50), (3, 17, 9, 40), (2, 5, 0, 6), (1, 300, 64, 257)] {
+            let a = Tensor::randn(0f32, 1.0, (batch, m, k), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, (batch, k, n), &dev).unwrap();
+            let bt = b.transpose(1, 2).unwrap().contiguous().unwrap().transpose(1, 2).unwrap();
+            let shared = Tensor::randn(0f32, 1.0, (k, n), &dev).unwrap();
+            for (c, rhs) in [
+                (a.matmul(&b).unwrap(), b.clone()),
+                (a.matmul(&bt).unwrap(), b.clone()),
+                (
+                    a.broadcast_matmul(&shared).unwrap(),
+                    shared.broadcast_as((batch, k, n)).unwrap().contiguous().unwrap(),
+                ),
+            ] {
+                let (c, a, rhs) =
+                    (c.to_vec3::<f32>().unwrap(), a.to_vec3::<f32>().unwrap(), rhs.to_vec3::<f32>().unwrap());
+                for s in 0..batch {
+                    let want = naive(&a[s].concat(), &rhs[s].concat(), (m, k, n));
+                    for (got, want) in c[s].concat().iter().zip(&want) {
+                        assert!(
+                            (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                            "{batch}×{m}×{k}×{n}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn a_first_gradient_is_g_itself_so_a_negative_zero_stays_negative() {
