@@ -2,6 +2,7 @@
 //! forward and backward by row blocks, and the composed form for other devices and dropout.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, D};
+use mada::simd_kernel;
 use rayon::prelude::*;
 
 use super::gemm::gemm_strided;
@@ -102,6 +103,33 @@ struct CausalAttentionBackward {
     forward: CausalAttention,
 }
 
+/// Rows whose dot products advance side by side (each a chain of dependent additions in column
+/// order; interleaved, each keeps its order, so the bits are those of one row at a time).
+const ROW_GROUP: usize = 8;
+
+simd_kernel!(fn score_gradients[](p: &[f32], dp: &mut [f32], t: usize, cols: usize, scale: f32)
+    = score_gradients_kernel[]);
+
+/// dS = P ⊙ (dP − rowsum(P ⊙ dP))·scale over columns ..cols of the whole rows (length t) of a
+/// block, in place in dP; each row's sum runs from −0 in column order, as `Iterator::sum` does.
+#[inline(always)]
+fn score_gradients_kernel(p: &[f32], dp: &mut [f32], t: usize, cols: usize, scale: f32) {
+    for (pg, dg) in p.chunks(t * ROW_GROUP).zip(dp.chunks_mut(t * ROW_GROUP)) {
+        let k = pg.len().min(dg.len()) / t;
+        let mut dot = [-0.0f32; ROW_GROUP];
+        for j in 0..cols {
+            for r in 0..k {
+                dot[r] += pg[r * t + j] * dg[r * t + j];
+            }
+        }
+        for r in 0..k {
+            for (d, &pv) in dg[r * t..][..cols].iter_mut().zip(&pg[r * t..][..cols]) {
+                *d = pv * (*d - dot[r]) * scale;
+            }
+        }
+    }
+}
+
 impl CustomOp2 for CausalAttentionBackward {
     fn name(&self) -> &'static str {
         "causal-self-attention-backward"
@@ -144,13 +172,7 @@ impl CustomOp2 for CausalAttentionBackward {
                             (&g[r * c + yo..], c, 1),
                             (&x[vo..], 1, 3 * c),
                         );
-                        for (prow, dprow) in pb.chunks(t).zip(dpb.chunks_mut(t)).take(rows) {
-                            let (prow, dprow) = (&prow[..cols], &mut dprow[..cols]);
-                            let dot: f32 = prow.iter().zip(dprow.iter()).map(|(a, b)| a * b).sum();
-                            for (d, &pv) in dprow.iter_mut().zip(prow) {
-                                *d = pv * (*d - dot) * scale;
-                            }
-                        }
+                        score_gradients(&pb[..rows * t], &mut dpb[..rows * t], t, cols, scale);
                         // dQ_h[block] = dS[block, ..cols] · K_h[..cols]; dK_h[..cols] += dS[block, ..cols]ᵀ · Q_h[block]
                         gemm_strided(
                             rows,
@@ -220,6 +242,28 @@ pub fn composed_causal_self_attention(
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    #[test]
+    fn the_score_gradients_give_the_bits_of_one_row_at_a_time() {
+        // A block of 21 rows (two groups of 8 and a tail of 5) of T = 40, 33 columns in use.
+        let (t, rows, cols, scale) = (40, 21, 33, 0.125f32);
+        let p: Vec<f32> = (0..rows * t).map(|k| (k * 7919 % 997) as f32 / 997.0).collect();
+        let dp: Vec<f32> = (0..rows * t).map(|k| ((k * 104_729 % 1000) as f32 - 500.0) * 0.01).collect();
+        let mut want = dp.clone();
+        for (prow, dprow) in p.chunks(t).zip(want.chunks_mut(t)) {
+            let (prow, dprow) = (&prow[..cols], &mut dprow[..cols]);
+            let dot: f32 = prow.iter().zip(dprow.iter()).map(|(a, b)| a * b).sum();
+            for (d, &pv) in dprow.iter_mut().zip(prow) {
+                *d = pv * (*d - dot) * scale;
+            }
+        }
+        let (mut got, mut baseline) = (dp.clone(), dp);
+        score_gradients(&p, &mut got, t, cols, scale);
+        score_gradients_kernel(&p, &mut baseline, t, cols, scale);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got), bits(&want));
+        assert_eq!(bits(&baseline), bits(&want));
+    }
 
     #[test]
     fn fused_attention_matches_the_composed_heads() {

@@ -4,6 +4,8 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
+use mada::simd_kernel;
+
 use super::{f32_slice, on_fused_path, Result, ROWS_PER_TASK};
 
 /// softmax(scale·x + causal mask) over the last axis of x (…, T, T): row i keeps columns j ≤ i.
@@ -110,12 +112,60 @@ fn softmax_in_place(live: &mut [f32]) {
     live.iter_mut().for_each(|v| *v *= inv);
 }
 
+/// Rows whose maxima and sums advance side by side. Each row's sum is a chain of dependent
+/// additions in column order, waiting on the last one's latency; the rows are independent, so
+/// their chains interleave, each in its own order: the bits are those of one row at a time.
+const ROW_GROUP: usize = 8;
+
 /// softmax over columns 0..=i of rows i of a block of rows `first..` of a T×T score matrix
 /// (`rows` holds whole rows of length `t`), in place; the masked entries up to `cols` become 0.
+/// Each row as [`softmax_in_place`] computes it, bit for bit; compiled per instruction set.
 pub(super) fn causal_softmax_rows(rows: &mut [f32], first: usize, t: usize, cols: usize) {
-    for (i, row) in (first..).zip(rows.chunks_mut(t)) {
-        softmax_in_place(&mut row[..=i]);
-        row[i + 1..cols].iter_mut().for_each(|v| *v = 0.0);
+    causal_softmax_rows_dispatched(rows, first, t, cols)
+}
+
+simd_kernel!(fn causal_softmax_rows_dispatched[](rows: &mut [f32], first: usize, t: usize, cols: usize)
+    = causal_softmax_rows_kernel[]);
+
+#[inline(always)]
+fn causal_softmax_rows_kernel(rows: &mut [f32], first: usize, t: usize, cols: usize) {
+    for (n, group) in rows.chunks_mut(t * ROW_GROUP).enumerate() {
+        // Row r of the group is row i0 + r: its live entries are columns 0..=i0 + r. Columns
+        // 0..=i0 are live in every row of the group; the chains run over them side by side,
+        // then over each row's few remaining columns, in column order.
+        let i0 = first + n * ROW_GROUP;
+        let k = group.len() / t;
+        let mut max = [f32::NEG_INFINITY; ROW_GROUP];
+        for j in 0..=i0 {
+            for r in 0..k {
+                max[r] = max[r].max(group[r * t + j]);
+            }
+        }
+        for r in 1..k {
+            for j in i0 + 1..=i0 + r {
+                max[r] = max[r].max(group[r * t + j]);
+            }
+        }
+        for r in 0..k {
+            group[r * t..][..=i0 + r].iter_mut().for_each(|v| *v = exp_nonpositive(*v - max[r]));
+        }
+        let mut sum = [-0.0f32; ROW_GROUP];
+        for j in 0..=i0 {
+            for r in 0..k {
+                sum[r] += group[r * t + j];
+            }
+        }
+        for r in 1..k {
+            for j in i0 + 1..=i0 + r {
+                sum[r] += group[r * t + j];
+            }
+        }
+        for r in 0..k {
+            let inv = 1.0 / sum[r];
+            let row = &mut group[r * t..][..cols];
+            row[..=i0 + r].iter_mut().for_each(|v| *v *= inv);
+            row[i0 + r + 1..].iter_mut().for_each(|v| *v = 0.0);
+        }
     }
 }
 
@@ -124,6 +174,31 @@ mod tests {
     use super::*;
     use crate::models::ops::testing::check;
     use candle_core::Device;
+
+    #[test]
+    fn the_interleaved_rows_give_the_bits_of_one_row_at_a_time() {
+        // Blocks as the attention takes them (first row 0, 64 and 128 of T = 150; 64 rows and a
+        // short last block), so groups of 8 and a tail group; a row holding a NaN and ±0.
+        let t = 150;
+        for (first, rows) in [(0, 64), (64, 64), (128, 22), (3, 5)] {
+            let cols = first + rows;
+            let mut block: Vec<f32> = (0..rows * t).map(|k| ((k * 7919 % 1000) as f32 - 500.0) * 0.013).collect();
+            block[2 * t] = f32::NAN;
+            block[3 * t] = -0.0;
+            block[3 * t + 1] = 0.0;
+            let mut want = block.clone();
+            for (i, row) in (first..).zip(want.chunks_mut(t)) {
+                softmax_in_place(&mut row[..=i]);
+                row[i + 1..cols].iter_mut().for_each(|v| *v = 0.0);
+            }
+            let (mut got, mut baseline) = (block.clone(), block);
+            causal_softmax_rows(&mut got, first, t, cols);
+            causal_softmax_rows_kernel(&mut baseline, first, t, cols);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "block from row {first}");
+            assert_eq!(bits(&baseline), bits(&want), "block from row {first}, baseline build");
+        }
+    }
 
     #[test]
     fn causal_softmax_matches_composed_ops() {
