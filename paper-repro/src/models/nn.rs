@@ -154,8 +154,8 @@ impl Module for Linear {
         let w = self.weight.as_tensor();
         // One GEMM over all rows: (B·T, in) × (in, out).
         let y = match x.dims() {
-            [b, t, c] => x.reshape((b * t, *c))?.matmul(&w.t()?)?.reshape((*b, *t, ()))?,
-            _ => x.matmul(&w.t()?)?,
+            [b, t, c] => crate::models::ops::linear(&x.reshape((b * t, *c))?, w)?.reshape((*b, *t, ()))?,
+            _ => crate::models::ops::linear(x, w)?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b.as_tensor()),

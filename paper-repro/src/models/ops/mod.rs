@@ -1,7 +1,8 @@
 //! Fused CPU operators with hand-written backward passes: causal self-attention on the packed
 //! q|k|v projection, the causal softmax, LayerNorm (gain only; the bias is a separate broadcast
 //! add), the exact (erf) GELU, the convolution (im2col or implicit GEMM), training-mode batch
-//! normalization, a per-channel bias, ReLU and 2×2 max pooling.
+//! normalization, a per-channel bias, ReLU, 2×2 max pooling, and the linear layer's product
+//! (its backward forms the weight's gradient in the weight's own layout).
 //!
 //! Composed from candle's elementwise operators, each of these costs 5–20 passes over its
 //! tensor and as many allocations, forward and backward; profiling the baby GPT's training step
@@ -20,6 +21,7 @@ mod conv2d;
 mod gelu;
 mod gemm;
 mod layer_norm;
+mod linear;
 mod pool;
 mod relu;
 mod softmax;
@@ -30,6 +32,7 @@ pub use channel_bias::add_channel_bias;
 pub use conv2d::{conv2d, ConvAlgorithm, IMPLICIT_MIN_CHANNELS};
 pub use gelu::gelu;
 pub use layer_norm::layer_norm;
+pub use linear::linear;
 pub use pool::max_pool2x2;
 pub use relu::relu;
 pub use softmax::causal_softmax;
