@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use super::gemm::gemm_strided;
 use super::softmax::{causal_softmax, causal_softmax_rows};
-use super::{f32_slice, on_fused_path, Result};
+use super::{f32_slice, on_fused_path, Result, ROW_GROUP};
 
 /// Rows of the attention matrix per block: a block of rows i ∈ [r, r + 64) only needs columns
 /// j < r + 64, so the products skip most of the masked upper triangle (≈ 40% of the attention
@@ -102,10 +102,6 @@ impl CustomOp1 for CausalAttention {
 struct CausalAttentionBackward {
     forward: CausalAttention,
 }
-
-/// Rows whose dot products advance side by side (each a chain of dependent additions in column
-/// order; interleaved, each keeps its order, so the bits are those of one row at a time).
-const ROW_GROUP: usize = 8;
 
 simd_kernel!(fn score_gradients[](p: &[f32], dp: &mut [f32], t: usize, cols: usize, scale: f32)
     = score_gradients_kernel[]);

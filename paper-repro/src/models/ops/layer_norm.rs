@@ -5,18 +5,12 @@ use std::mem::MaybeUninit;
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor, D};
 
-use super::{f32_slice, on_fused_path, par_fill, par_fill_chunks, Result, ROWS_PER_TASK};
+use super::{f32_slice, on_fused_path, par_fill, par_fill_chunks, Result, ROWS_PER_TASK, ROW_GROUP};
 
 const LN_EPS: f32 = 1e-5;
 
 /// y = (x − mean)/√(var + ε) ⊙ w over the last axis (biased variance, as PyTorch).
 struct LayerNormOp;
-
-/// Rows whose sums advance side by side. A row's sums are chains of dependent additions, each
-/// waiting on the last one's latency (a row of 384 at a time made the layer norms ≈ 4.5% of a
-/// baby-GPT step); the rows of a group are independent, so their chains interleave, each in its
-/// own order: the bits are those of one row at a time.
-const ROW_GROUP: usize = 8;
 
 /// (mean, 1/√(var + ε)) of each of the ≤ [`ROW_GROUP`] rows of length c in `rows` (biased
 /// variance); each row's sums run from −0 in element order, as `Iterator::sum` does.

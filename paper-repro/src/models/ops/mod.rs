@@ -162,6 +162,12 @@ pub(crate) unsafe fn par_fill_chunks<R: Send>(
 /// Rows of work per rayon task.
 pub(crate) const ROWS_PER_TASK: usize = 64;
 
+/// Rows whose reductions advance side by side (layer norm, the softmax rows, the attention's
+/// score gradients). A row's sum is a chain of dependent additions in column order, each waiting
+/// on the last one's latency; the rows are independent, so their chains interleave, each in its
+/// own order, and the bits are those of one row at a time.
+pub(crate) const ROW_GROUP: usize = 8;
+
 /// Checks shared by the operators' tests: each fused operator against the composed candle ops.
 #[cfg(test)]
 pub(crate) mod testing {

@@ -2,11 +2,10 @@
 //! attention shares with it (a vectorizable exp, softmax in place).
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, D};
+use mada::simd_kernel;
 use rayon::prelude::*;
 
-use mada::simd_kernel;
-
-use super::{f32_slice, on_fused_path, Result, ROWS_PER_TASK};
+use super::{f32_slice, on_fused_path, Result, ROWS_PER_TASK, ROW_GROUP};
 
 /// softmax(scale·x + causal mask) over the last axis of x (…, T, T): row i keeps columns j ≤ i.
 struct CausalSoftmax {
@@ -112,11 +111,6 @@ fn softmax_in_place(live: &mut [f32]) {
     live.iter_mut().for_each(|v| *v *= inv);
 }
 
-/// Rows whose maxima and sums advance side by side. Each row's sum is a chain of dependent
-/// additions in column order, waiting on the last one's latency; the rows are independent, so
-/// their chains interleave, each in its own order: the bits are those of one row at a time.
-const ROW_GROUP: usize = 8;
-
 /// softmax over columns 0..=i of rows i of a block of rows `first..` of a T×T score matrix
 /// (`rows` holds whole rows of length `t`), in place; the masked entries up to `cols` become 0.
 /// Each row as [`softmax_in_place`] computes it, bit for bit; compiled per instruction set.
@@ -127,39 +121,37 @@ pub(super) fn causal_softmax_rows(rows: &mut [f32], first: usize, t: usize, cols
 simd_kernel!(fn causal_softmax_rows_dispatched[](rows: &mut [f32], first: usize, t: usize, cols: usize)
     = causal_softmax_rows_kernel[]);
 
+/// Folds each live row of a group in column order, the rows side by side: row r of the group is
+/// row i0 + r, live in columns 0..=i0 + r. Columns 0..=i0 are live in every row, so the chains
+/// run over them together, then over each row's few remaining columns.
+#[inline(always)]
+fn fold_live_rows(group: &[f32], t: usize, i0: usize, init: f32, f: impl Fn(f32, f32) -> f32) -> [f32; ROW_GROUP] {
+    let k = group.len() / t;
+    let mut acc = [init; ROW_GROUP];
+    for j in 0..=i0 {
+        for r in 0..k {
+            acc[r] = f(acc[r], group[r * t + j]);
+        }
+    }
+    for r in 1..k {
+        for j in i0 + 1..=i0 + r {
+            acc[r] = f(acc[r], group[r * t + j]);
+        }
+    }
+    acc
+}
+
 #[inline(always)]
 fn causal_softmax_rows_kernel(rows: &mut [f32], first: usize, t: usize, cols: usize) {
     for (n, group) in rows.chunks_mut(t * ROW_GROUP).enumerate() {
-        // Row r of the group is row i0 + r: its live entries are columns 0..=i0 + r. Columns
-        // 0..=i0 are live in every row of the group; the chains run over them side by side,
-        // then over each row's few remaining columns, in column order.
         let i0 = first + n * ROW_GROUP;
         let k = group.len() / t;
-        let mut max = [f32::NEG_INFINITY; ROW_GROUP];
-        for j in 0..=i0 {
-            for r in 0..k {
-                max[r] = max[r].max(group[r * t + j]);
-            }
-        }
-        for r in 1..k {
-            for j in i0 + 1..=i0 + r {
-                max[r] = max[r].max(group[r * t + j]);
-            }
-        }
+        let max = fold_live_rows(group, t, i0, f32::NEG_INFINITY, f32::max);
         for r in 0..k {
             group[r * t..][..=i0 + r].iter_mut().for_each(|v| *v = exp_nonpositive(*v - max[r]));
         }
-        let mut sum = [-0.0f32; ROW_GROUP];
-        for j in 0..=i0 {
-            for r in 0..k {
-                sum[r] += group[r * t + j];
-            }
-        }
-        for r in 1..k {
-            for j in i0 + 1..=i0 + r {
-                sum[r] += group[r * t + j];
-            }
-        }
+        // From −0, as `Iterator::sum` starts.
+        let sum = fold_live_rows(group, t, i0, -0.0, |a, v| a + v);
         for r in 0..k {
             let inv = 1.0 / sum[r];
             let row = &mut group[r * t..][..cols];
