@@ -255,7 +255,7 @@ impl BatchNorm2d {
         let shape = (1, c, 1, 1);
         let bias = self.bias.as_tensor();
         if train {
-            let (y, moments) = crate::models::ops::batch_norm_train(x, self.weight.as_tensor())?;
+            let (y, moments) = crate::models::ops::batch_norm_train(x, self.weight.as_tensor(), bias)?;
             // Running statistics, outside the graph: the batch moments the fused kernel computed
             // (in f64), else computed here.
             let (mean, var) = match moments {
@@ -276,7 +276,7 @@ impl BatchNorm2d {
             let rv = ((self.running_var.as_tensor() * 0.9)? + (unbiased * 0.1)?)?;
             self.running_mean.set(&rm)?;
             self.running_var.set(&rv)?;
-            crate::models::ops::add_channel_bias(&y, bias)
+            Ok(y)
         } else {
             let (mean, var) =
                 (self.running_mean.as_tensor().reshape(shape)?, self.running_var.as_tensor().reshape(shape)?);

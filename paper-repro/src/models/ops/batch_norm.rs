@@ -1,13 +1,14 @@
-//! Batch normalization in training mode (batch statistics, gain γ; β added separately), fused
-//! forward and backward.
+//! Batch normalization in training mode (batch statistics, gain γ, shift β), fused forward and
+//! backward.
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use mada::simd_kernel;
 
+use super::channel_bias::channel_sum as bias_gradient;
 use super::{f32_slice, on_fused_path, par_collect, Result};
 
 const BN_EPS: f32 = 1e-5;
@@ -131,22 +132,36 @@ pub type ChannelMoments = Vec<(f32, f32)>;
 /// The moments a forward computed, for the caller's running statistics and the backward.
 type Moments = Arc<Mutex<Option<ChannelMoments>>>;
 
-/// y = (x − mean)·rstd·γ (batch statistics; add β separately). The forward leaves the batch's
-/// moments in `moments`, so the caller's running statistics need no second pass.
+/// y = (x − mean)·rstd·γ + β (batch statistics): the normalized value rounded to f32, then β
+/// added, so y is bit for bit the normalization followed by
+/// [`add_channel_bias`](super::add_channel_bias) — one pass over the output fewer — and dβ is
+/// that op's bias gradient. The forward leaves the batch's moments in `moments`, so the caller's
+/// running statistics need no second pass.
 struct BatchNormOp {
     /// Also read by the backward: the statistics from the forward's moments are the numbers
     /// their recomputation from x would give, without two more passes over x.
     moments: Moments,
 }
 
-impl CustomOp2 for BatchNormOp {
+impl CustomOp3 for BatchNormOp {
     fn name(&self) -> &'static str {
         "batch-norm-train"
     }
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (x, gamma) = (f32_slice(xs, xl)?, f32_slice(gs, gl)?);
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, gamma, beta) = (f32_slice(xs, xl)?, f32_slice(gs, gl)?, f32_slice(bs, bl)?);
         let &[n, c, h, w] = xl.dims() else { candle_core::bail!("batch-norm expects NCHW, got {:?}", xl.dims()) };
+        if gamma.len() != c || beta.len() != c {
+            candle_core::bail!("batch-norm: {} gains and {} shifts for {c} channels", gamma.len(), beta.len());
+        }
         let hw = h * w;
         let moments = channel_moments(x, n, c, hw);
         let stats = channel_stats(&moments);
@@ -154,8 +169,8 @@ impl CustomOp2 for BatchNormOp {
         let out = par_collect(x.len(), hw, |plane| {
             let ch = plane % c;
             let (mean, rstd) = stats[ch];
-            let scale = rstd * gamma[ch];
-            x[plane * hw..][..hw].iter().map(move |&xv| (xv - mean) * scale)
+            let (scale, shift) = (rstd * gamma[ch], beta[ch]);
+            x[plane * hw..][..hw].iter().map(move |&xv| (xv - mean) * scale + shift)
         })?;
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
@@ -164,14 +179,17 @@ impl CustomOp2 for BatchNormOp {
         &self,
         x: &Tensor,
         gamma: &Tensor,
+        _beta: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let stats = self.moments.lock().expect("moments").as_deref().map(channel_stats);
         let op = BatchNormBackward { gamma: gamma.contiguous()?, stats };
-        let packed = x.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &op)?;
+        let grad = grad.contiguous()?;
+        let packed = x.contiguous()?.apply_op2_no_bwd(&grad, &op)?;
         let (nx, c) = (x.elem_count(), gamma.elem_count());
-        Ok((Some(packed.narrow(0, 0, nx)?.reshape(x.shape())?), Some(packed.narrow(0, nx, c)?)))
+        let dbeta = bias_gradient(&grad, c)?;
+        Ok((Some(packed.narrow(0, 0, nx)?.reshape(x.shape())?), Some(packed.narrow(0, nx, c)?), Some(dbeta)))
     }
 }
 
@@ -230,18 +248,18 @@ impl CustomOp2 for BatchNormBackward {
     }
 }
 
-/// Batch normalization with batch statistics and gain γ (NCHW); add β separately. With the
-/// output, the batch's per-channel (mean, biased variance) when the fused kernel computed them
-/// (f32 on the CPU; None elsewhere: compute them from x).
-pub fn batch_norm_train(x: &Tensor, gamma: &Tensor) -> Result<(Tensor, Option<ChannelMoments>)> {
+/// Batch normalization with batch statistics, gain γ and shift β (NCHW). With the output, the
+/// batch's per-channel (mean, biased variance) when the fused kernel computed them (f32 on the
+/// CPU; None elsewhere: compute them from x).
+pub fn batch_norm_train(x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<(Tensor, Option<ChannelMoments>)> {
     if on_fused_path(x) {
         let moments = Moments::default();
         let op = BatchNormOp { moments: moments.clone() };
-        let y = x.contiguous()?.apply_op2(&gamma.contiguous()?, op)?;
+        let y = x.contiguous()?.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?;
         let computed = moments.lock().expect("moments").clone();
         Ok((y, computed))
     } else {
-        Ok((composed(x, gamma)?, None))
+        Ok((composed(x, gamma)?.broadcast_add(&beta.reshape((1, (), 1, 1))?)?, None))
     }
 }
 
@@ -261,6 +279,7 @@ mod tests {
 
     #[test]
     fn batch_norm_matches_composed_ops() {
+        let beta = Tensor::new(&[0.3f32, -1.1, 0.0, 2.0], &candle_core::Device::Cpu).unwrap();
         let reference = |x: &Tensor, g: &Tensor| {
             let mean = x.mean_keepdim(0).unwrap().mean_keepdim(2).unwrap().mean_keepdim(3).unwrap();
             let xc = x.broadcast_sub(&mean).unwrap();
@@ -269,8 +288,52 @@ mod tests {
                 .unwrap()
                 .broadcast_mul(&g.reshape((1, 4, 1, 1)).unwrap())
                 .unwrap()
+                .broadcast_add(&beta.reshape((1, 4, 1, 1)).unwrap())
+                .unwrap()
         };
-        grads_match(|x, g| batch_norm_train(x, g).unwrap().0, reference, &[6, 4, 5, 3], &[4]);
+        grads_match(|x, g| batch_norm_train(x, g, &beta).unwrap().0, reference, &[6, 4, 5, 3], &[4]);
+    }
+
+    #[test]
+    fn the_shift_is_added_as_the_channel_bias_op_adds_it_bit_for_bit() {
+        use crate::models::ops::{add_channel_bias, testing::bits};
+        use candle_core::Var;
+        let dev = candle_core::Device::Cpu;
+        // Batches large enough that the order of dβ's sum shows in its bits; channel counts that
+        // do and do not fill the bias gradient's chains.
+        for (n, c, h, w) in [(64, 3, 9, 9), (5, 16, 4, 6), (2, 9, 1, 1)] {
+            let vars = [n * c * h * w, c, c].map(|len| {
+                Var::from_tensor(&Tensor::randn(0f32, 1.0, len, &dev).unwrap().affine(1.5, 0.5).unwrap()).unwrap()
+            });
+            let [x, gamma, beta] = &vars;
+            let x4 = x.as_tensor().reshape((n, c, h, w)).unwrap();
+            let r = Tensor::randn(0f32, 1.0, (n, c, h, w), &dev).unwrap();
+            let fused = batch_norm_train(&x4, gamma.as_tensor(), beta.as_tensor()).unwrap().0;
+            // The normalization alone (a zero shift adds nothing but turns −0 into +0, which
+            // the channel bias's own addition does as well), then the shift by the bias op.
+            let zero = Tensor::zeros(c, candle_core::DType::F32, &dev).unwrap();
+            let normalized = batch_norm_train(&x4, gamma.as_tensor(), &zero).unwrap().0;
+            let composed = add_channel_bias(&normalized, beta.as_tensor()).unwrap();
+            assert_eq!(bits(&fused), bits(&composed), "forward {n}×{c}×{h}×{w}");
+            let gf = (fused * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gc = (composed * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            for (what, v) in [("dx", x), ("dγ", gamma), ("dβ", beta)] {
+                let (f, c) = (gf.get(v.as_tensor()).unwrap(), gc.get(v.as_tensor()).unwrap());
+                assert_eq!(bits(f), bits(c), "{what} {n}×{c}×{h}×{w}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_gain_or_shift_that_does_not_match_the_channels_is_an_error() {
+        let dev = candle_core::Device::Cpu;
+        let x = Tensor::zeros((2, 3, 4, 4), candle_core::DType::F32, &dev).unwrap();
+        let (three, four) = (
+            Tensor::ones(3, candle_core::DType::F32, &dev).unwrap(),
+            Tensor::ones(4, candle_core::DType::F32, &dev).unwrap(),
+        );
+        let err = batch_norm_train(&x, &three, &four).unwrap_err().to_string();
+        assert!(err.contains("3 gains and 4 shifts for 3 channels"), "{err}");
     }
 
     #[test]
@@ -284,7 +347,8 @@ mod tests {
             )
             .unwrap();
             let gamma = candle_core::Var::from_tensor(&Tensor::randn(1f32, 0.2, c, &dev).unwrap()).unwrap();
-            let (y, _) = batch_norm_train(x.as_tensor(), gamma.as_tensor()).unwrap();
+            let beta = Tensor::randn(0f32, 1.0, c, &dev).unwrap();
+            let (y, _) = batch_norm_train(x.as_tensor(), gamma.as_tensor(), &beta).unwrap();
             let r = Tensor::randn(0f32, 1.0, y.shape(), &dev).unwrap();
             let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
             let recomputed = BatchNormBackward { gamma: gamma.as_tensor().clone(), stats: None };
@@ -324,7 +388,11 @@ mod tests {
     fn the_forward_returns_the_batch_moments_the_composed_ops_compute() {
         let dev = candle_core::Device::Cpu;
         let x = Tensor::randn(0f32, 1.0, (8, 3, 5, 4), &dev).unwrap().affine(3.0, 2.0).unwrap();
-        let (_, moments) = batch_norm_train(&x, &Tensor::ones(3, candle_core::DType::F32, &dev).unwrap()).unwrap();
+        let (ones, zeros) = (
+            Tensor::ones(3, candle_core::DType::F32, &dev).unwrap(),
+            Tensor::zeros(3, candle_core::DType::F32, &dev).unwrap(),
+        );
+        let (_, moments) = batch_norm_train(&x, &ones, &zeros).unwrap();
         let moments = moments.expect("the fused kernel ran");
         let mean = x.mean_keepdim(0).unwrap().mean_keepdim(2).unwrap().mean_keepdim(3).unwrap();
         let var = x.broadcast_sub(&mean).unwrap().sqr().unwrap().mean_keepdim(0).unwrap();

@@ -51,7 +51,7 @@ impl CustomOp2 for ChannelBias {
 /// Channels whose bias gradients one task sums side by side. Each is one chain of dependent f32
 /// additions (candle's order), which alone waits on every addition's latency; CHAINS
 /// independent chains keep the adder busy that many times as often, each chain's order unchanged.
-const CHAINS: usize = 4;
+const CHAINS: usize = 8;
 
 /// Σ over images and positions, per channel, in candle's order (see the module comment).
 struct ChannelSum {

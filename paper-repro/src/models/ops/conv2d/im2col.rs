@@ -91,14 +91,20 @@ pub(super) fn forward_images(g: &ConvShape, w: &[f32], x: &[f32], out: &mut [May
 }
 
 /// One task's images: returns their dW [O, C, k, k] (dW += dY·colsᵀ per image) and, with `dx`,
-/// writes dx = col2im(Wᵀ·dY) into it (zeros on entry).
-pub(super) fn backward_images(g: &ConvShape, w: &[f32], x: &[f32], dy: &[f32], dx: Option<&mut [f32]>) -> Vec<f32> {
+/// writes dx = col2im(Wᵀ·dY) into all of it (zeros first, then col2im's sums).
+pub(super) fn backward_images(
+    g: &ConvShape,
+    w: &[f32],
+    x: &[f32],
+    dy: &[f32],
+    dx: Option<&mut [MaybeUninit<f32>]>,
+) -> Vec<f32> {
     let (img, out_img, p, kr) = (g.c * g.h * g.w, g.o * g.positions(), g.positions(), g.rows());
     let mut dw = vec![0f32; w.len()];
     let mut cols = vec![0f32; kr * p];
     // Rewritten whole by every image's product before it is read: never zero-filled.
     let mut dcols = Vec::<f32>::with_capacity(if dx.is_some() { kr * p } else { 0 });
-    let mut dximgs = dx.map(|d| d.chunks_mut(img));
+    let mut dximgs = dx.map(|d| zeroed(d).chunks_mut(img));
     for (ximg, dyimg) in x.chunks(img).zip(dy.chunks(out_img)) {
         g.im2col(ximg, &mut cols);
         // dW [O, K] += dY [O, P] · colsᵀ [P, K]
@@ -110,4 +116,13 @@ pub(super) fn backward_images(g: &ConvShape, w: &[f32], x: &[f32], dy: &[f32], d
         }
     }
     dw
+}
+
+/// `d` filled with zeros, as initialized memory.
+fn zeroed(d: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    for v in d.iter_mut() {
+        v.write(0.0);
+    }
+    // SAFETY: every element was written just above.
+    unsafe { d.assume_init_mut() }
 }

@@ -92,8 +92,42 @@ impl Grid {
             }
         }
     }
-    /// The task's images `x` in their planes, padding zero.
+    /// The task's images `x` in their planes, padding zero. For stride 1 (one phase, the padded
+    /// image itself) each element is written once, plane row by plane row; otherwise the
+    /// buffer is zero-filled first and the images copied into their phases.
     fn padded(&self, g: &ConvShape, x: &[f32]) -> Vec<f32> {
+        if self.s == 1 {
+            let len = self.len(g);
+            let mut xp = Vec::with_capacity(len);
+            let mut rest = &mut xp.spare_capacity_mut()[..len];
+            let mut put = |src: Option<&[f32]>, n: usize| {
+                let (head, tail) = std::mem::take(&mut rest).split_at_mut(n);
+                match src {
+                    Some(v) => _ = head.write_copy_of_slice(v),
+                    None => head.iter_mut().for_each(|d| _ = d.write(0.0)),
+                }
+                rest = tail;
+            };
+            let (hw, p) = (g.h * g.w, g.pad);
+            for ch in 0..g.c {
+                for i in 0..self.images {
+                    let src = &x[(i * g.c + ch) * hw..][..hw];
+                    put(None, p * self.wq);
+                    for row in src.chunks(g.w) {
+                        put(None, p);
+                        put(Some(row), g.w);
+                        put(None, p);
+                    }
+                    put(None, p * self.wq);
+                }
+            }
+            put(None, LANES);
+            debug_assert!(rest.is_empty());
+            // SAFETY: the planes (C·images of (H + 2p)·Wq, each written row by row above) and
+            // the slack are all `len` elements, each written once.
+            unsafe { xp.set_len(len) };
+            return xp;
+        }
         let mut xp = vec![0f32; self.len(g)];
         for (i, img) in x.chunks(g.c * g.h * g.w).enumerate() {
             self.pad_into(g, i, img, &mut xp);
@@ -115,16 +149,17 @@ impl Grid {
             });
         }
     }
-    /// The interior of image i's planes in `xp` back into `img` (C, H, W): pad_into reversed.
-    fn unpad_from(&self, g: &ConvShape, i: usize, xp: &[f32], img: &mut [f32]) {
+    /// The interior of image i's planes in `xp` into `img` (C, H, W), every element of it:
+    /// pad_into reversed.
+    fn unpad_from(&self, g: &ConvShape, i: usize, xp: &[f32], img: &mut [MaybeUninit<f32>]) {
         for (dst, src) in img.chunks_mut(g.h * g.w).zip(xp.chunks(self.row())) {
             self.for_each_run(g, i, |y, x0, at| {
                 let row = &mut dst[y * g.w..][..g.w];
                 if self.s == 1 {
-                    row.copy_from_slice(&src[at..at + g.w]);
+                    row.write_copy_of_slice(&src[at..at + g.w]);
                 } else {
                     for (d, &v) in row[x0..].iter_mut().step_by(self.s).zip(&src[at..]) {
-                        *d = v;
+                        d.write(v);
                     }
                 }
             });
@@ -181,8 +216,14 @@ pub(super) fn forward_images(
 
 /// One task's images: returns their dW tap-major, (k², C, O), per tap dW_tᵀ = (Xp shifted by t) ·
 /// dYᵀ ([`kernel_from_taps`] puts the tasks' sum in the kernel's order), and, with `dx`, writes
-/// dx = the interiors of Σ_t W_tᵀ · dY placed at tap t's offset into it.
-pub(super) fn backward_images(g: &ConvShape, taps: &[f32], x: &[f32], dy: &[f32], dx: Option<&mut [f32]>) -> Vec<f32> {
+/// dx = the interiors of Σ_t W_tᵀ · dY placed at tap t's offset into all of it.
+pub(super) fn backward_images(
+    g: &ConvShape,
+    taps: &[f32],
+    x: &[f32],
+    dy: &[f32],
+    dx: Option<&mut [MaybeUninit<f32>]>,
+) -> Vec<f32> {
     let img = g.c * g.h * g.w;
     let grid = Grid::new(g, x.len() / img);
     let (oc, kk) = (g.o * g.c, g.k * g.k);
@@ -191,14 +232,25 @@ pub(super) fn backward_images(g: &ConvShape, taps: &[f32], x: &[f32], dy: &[f32]
     // the input gradient's products, and column-major ([L, O], output channel fastest) for the
     // weights'. The gemm crate then reads every operand as it lies; otherwise each of the k²
     // weight products would first gather the shifted input, C × L elements one by one.
-    let mut dyw = vec![0f32; g.o * grid.l];
-    for (i, dyimg) in dy.chunks(g.o * g.positions()).enumerate() {
-        for (ch, plane) in dyimg.chunks(g.positions()).enumerate() {
+    // Each element is written once, channel row by channel row: zeros up to an output row's
+    // first column, its values, and zeros after the last image's last row.
+    let mut dyw = Vec::<f32>::with_capacity(g.o * grid.l);
+    for (ch, dst) in dyw.spare_capacity_mut()[..g.o * grid.l].chunks_mut(grid.l).enumerate() {
+        let mut at = 0;
+        for (i, dyimg) in dy.chunks(g.o * g.positions()).enumerate() {
+            let plane = &dyimg[ch * g.positions()..][..g.positions()];
             for (oy, row) in plane.chunks(g.wo).enumerate() {
-                dyw[ch * grid.l + grid.column(i, oy)..][..g.wo].copy_from_slice(row);
+                let col = grid.column(i, oy);
+                dst[at..col].iter_mut().for_each(|d| _ = d.write(0.0));
+                dst[col..col + g.wo].write_copy_of_slice(row);
+                at = col + g.wo;
             }
         }
+        dst[at..].iter_mut().for_each(|d| _ = d.write(0.0));
     }
+    // SAFETY: every channel's row of L columns was written whole just above (the output rows'
+    // columns ascend and end at or before L).
+    unsafe { dyw.set_len(g.o * grid.l) };
     let dyt = transposed(&dyw, g.o, grid.l);
     let mut dw_taps = Vec::<f32>::with_capacity(kk * oc);
     let spare = &mut dw_taps.spare_capacity_mut()[..kk * oc];
@@ -242,14 +294,18 @@ pub(super) fn kernel_from_taps(g: &ConvShape, dw_taps: &[f32]) -> Vec<f32> {
 /// rows' reads and the block's writes both stay within a few cache lines each.
 fn transposed(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     const BLOCK: usize = 16;
-    let mut t = vec![0f32; a.len()];
+    assert_eq!(a.len(), rows * cols, "transposed: not a {rows} × {cols} matrix");
+    let mut t = Vec::with_capacity(a.len());
+    let dst = &mut t.spare_capacity_mut()[..a.len()];
     for j0 in (0..cols).step_by(BLOCK) {
         let width = BLOCK.min(cols - j0);
         for (r, row) in a.chunks_exact(cols).enumerate() {
             for (dj, &v) in row[j0..j0 + width].iter().enumerate() {
-                t[(j0 + dj) * rows + r] = v;
+                dst[(j0 + dj) * rows + r].write(v);
             }
         }
     }
+    // SAFETY: a is rows × cols (asserted), and each (row, column) wrote its transposed place.
+    unsafe { t.set_len(a.len()) };
     t
 }

@@ -254,29 +254,43 @@ impl CustomOp2 for Conv2dBackward {
         let (img, out_img) = (g.c * g.h * g.w, g.o * g.positions());
         let plan = Plan::new(self.algorithm, &g, w);
         let nx = if self.input_grad { x.len() } else { 0 };
-        let mut out = vec![0f32; nx + w.len()];
-        let (dx, dw_total) = out.split_at_mut(nx);
-        let per_task = |dxi: Option<&mut [f32]>, xi: &[f32], dyi: &[f32]| match &plan {
+        let per_task = |dxi: Option<&mut [MaybeUninit<f32>]>, xi: &[f32], dyi: &[f32]| match &plan {
             Plan::Im2col => im2col::backward_images(&g, w, xi, dyi, dxi),
             Plan::Implicit(taps) => implicit::backward_images(&g, taps, xi, dyi, dxi),
         };
-        let (xs_, dys) = (x.par_chunks(img * IMAGES_PER_TASK), dy.par_chunks(out_img * IMAGES_PER_TASK));
+        let (x_task, dy_task) = (img * IMAGES_PER_TASK, out_img * IMAGES_PER_TASK);
+        // [dx | dw], dx written by the tasks without a zero-fill first (a pass over the input's
+        // size), dw the sum of their partials.
+        let mut out = Vec::with_capacity(nx + w.len());
+        let (dx, dw_out) = out.spare_capacity_mut()[..nx + w.len()].split_at_mut(nx);
         let partials: Vec<Vec<f32>> = if self.input_grad {
-            dx.par_chunks_mut(img * IMAGES_PER_TASK)
-                .zip(xs_.zip(dys))
-                .map(|(dxi, (xi, dyi))| per_task(Some(dxi), xi, dyi))
-                .collect()
+            fn chunk(v: &[f32], size: usize, i: usize) -> &[f32] {
+                v.chunks(size).nth(i).unwrap_or_default()
+            }
+            // SAFETY: task i's chunk of dx is its images' dx, and both algorithms' backward write
+            // every element of the dx they are given.
+            unsafe {
+                super::par_fill_chunks(dx, x_task, |i, dxi| {
+                    let n = dxi.len();
+                    (n, per_task(Some(dxi), chunk(x, x_task, i), chunk(dy, dy_task, i)))
+                })?
+            }
         } else {
+            let (xs_, dys) = (x.par_chunks(x_task), dy.par_chunks(dy_task));
             xs_.zip(dys).map(|(xi, dyi)| per_task(None, xi, dyi)).collect()
         };
+        let mut dw_total = vec![0f32; w.len()];
         for part in partials {
             for (t, v) in dw_total.iter_mut().zip(part) {
                 *t += v;
             }
         }
         if let Plan::Implicit(_) = plan {
-            dw_total.copy_from_slice(&implicit::kernel_from_taps(&g, dw_total));
+            dw_total = implicit::kernel_from_taps(&g, &dw_total);
         }
+        dw_out.write_copy_of_slice(&dw_total);
+        // SAFETY: the tasks wrote all nx elements of dx, and dw_out's are written just above.
+        unsafe { out.set_len(nx + w.len()) };
         Ok((CpuStorage::F32(out), Shape::from(nx + w.len())))
     }
 }
@@ -405,6 +419,34 @@ mod tests {
                     |x, w| x.conv2d(w, pad, stride, 1, 1).unwrap(),
                     &[6, 5, hw.0, hw.1],
                     &[4, 5, k, k],
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_buffers_written_without_a_zero_fill_are_written_whole() {
+        // The backward's dx, the padded inputs of stride 1 and the implicit form's dY copies
+        // are not zero-filled first. Recycled blocks full of NaN are freed first on every thread
+        // (the caller's, which allocates dx, and rayon's, which allocate the rest), so an
+        // element left unwritten would show as NaN or a wrong value against candle's.
+        for n in [1usize << 10, 1 << 12, 1 << 14, 1 << 16, 1 << 18] {
+            drop(std::hint::black_box(vec![f32::NAN; n]));
+            rayon::broadcast(|_| drop(std::hint::black_box(vec![f32::NAN; n])));
+        }
+        for algorithm in BOTH {
+            for (c, stride, pad, k, hw) in [
+                (5, 1, 1, 3, (9, 8)),
+                (5, 2, 1, 3, (9, 9)),
+                (5, 2, 0, 1, (9, 9)),
+                (1, 1, 1, 3, (7, 7)),
+                (6, 1, 2, 5, (7, 6)),
+            ] {
+                grads_match(
+                    |x, w| conv2d(x, w, None, stride, pad, algorithm).unwrap(),
+                    |x, w| x.conv2d(w, pad, stride, 1, 1).unwrap(),
+                    &[6, c, hw.0, hw.1],
+                    &[4, c, k, k],
                 );
             }
         }
