@@ -7,6 +7,8 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Module, Tensor, Var};
+
+use crate::models::ops::Activation;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
@@ -250,12 +252,13 @@ impl BatchNorm2d {
         })
     }
 
-    pub fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+    /// The normalization followed by `activation` (fused into one op in training on the CPU).
+    pub fn forward_t(&self, x: &Tensor, train: bool, activation: Activation) -> candle_core::Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
         let shape = (1, c, 1, 1);
         let bias = self.bias.as_tensor();
         if train {
-            let (y, moments) = crate::models::ops::batch_norm_train(x, self.weight.as_tensor(), bias)?;
+            let (y, moments) = crate::models::ops::batch_norm_train(x, self.weight.as_tensor(), bias, activation)?;
             // Running statistics, outside the graph: the batch moments the fused kernel computed
             // (in f64), else computed here.
             let (mean, var) = match moments {
@@ -284,7 +287,7 @@ impl BatchNorm2d {
                 .broadcast_sub(&mean)?
                 .broadcast_div(&(var + 1e-5)?.sqrt()?)?
                 .broadcast_mul(&self.weight.as_tensor().reshape(shape)?)?;
-            crate::models::ops::add_channel_bias(&y, bias)
+            activation.apply(&crate::models::ops::add_channel_bias(&y, bias)?)
         }
     }
 }

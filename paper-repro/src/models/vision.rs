@@ -9,7 +9,7 @@ use candle_core::{Device, Module, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::models::nn::{BatchNorm2d, Conv2d, Linear, ParamStore};
-use crate::models::ops::{max_pool2x2, relu, ConvAlgorithm};
+use crate::models::ops::{max_pool2x2, relu, Activation, ConvAlgorithm};
 
 /// A vision model, as data. `conv` says how the CPU convolutions form their sums (im2col when
 /// omitted, the committed cpu-tier runs' convention; `implicit-gemm` is faster and differs in
@@ -197,12 +197,12 @@ impl VisionModel {
                 fc2.forward(&relu(&fc1.forward(&x)?)?)?
             }
             Body::Resnet { stem, stem_bn, blocks, fc } => {
-                let mut x = relu(&stem_bn.forward_t(&stem.forward(x)?, train)?)?;
+                let mut x = stem_bn.forward_t(&stem.forward(x)?, train, Activation::Relu)?;
                 for b in blocks {
-                    let y = relu(&b.bn1.forward_t(&b.conv1.forward(&x)?, train)?)?;
-                    let y = b.bn2.forward_t(&b.conv2.forward(&y)?, train)?;
+                    let y = b.bn1.forward_t(&b.conv1.forward(&x)?, train, Activation::Relu)?;
+                    let y = b.bn2.forward_t(&b.conv2.forward(&y)?, train, Activation::Identity)?;
                     let short = match &b.shortcut {
-                        Some((c, bn)) => bn.forward_t(&c.forward(&x)?, train)?,
+                        Some((c, bn)) => bn.forward_t(&c.forward(&x)?, train, Activation::Identity)?,
                         None => x.clone(),
                     };
                     x = relu(&(y + short)?)?;

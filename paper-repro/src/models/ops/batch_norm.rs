@@ -1,5 +1,11 @@
-//! Batch normalization in training mode (batch statistics, gain γ, shift β), fused forward and
-//! backward.
+//! Batch normalization in training mode (batch statistics, gain γ, shift β), optionally followed
+//! by a ReLU, fused forward and backward.
+//!
+//! **Why the ReLU inside.** Every batch norm of the ResNet but the last of each block feeds a
+//! ReLU; as its own op that ReLU is two more passes over the activation (forward and backward)
+//! and one more activation kept for the backward. Fused, the forward clamps in the pass that
+//! normalizes, and the backward gates dy by ReLU′ at the pre-activation, recomputed from x with
+//! the forward's own formula — so the result is `relu(batch_norm_train(..))` bit for bit.
 
 use std::sync::{Arc, Mutex};
 
@@ -8,10 +14,42 @@ use rayon::prelude::*;
 
 use mada::simd_kernel;
 
-use super::channel_bias::channel_sum as bias_gradient;
+use super::channel_bias::chained_channel_sums;
+use super::relu::{relu, relu_gradient, relu_value};
 use super::{f32_slice, on_fused_path, par_collect, Result};
 
 const BN_EPS: f32 = 1e-5;
+
+/// What the op applies to the normalized value before returning it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// y = (x − mean)·rstd·γ + β.
+    Identity,
+    /// max(y, 0), as [`relu`](super::relu) computes it, with its ReLU′(0) = 1 convention.
+    Relu,
+}
+
+impl Activation {
+    /// The activation as its own op, after a normalization computed elsewhere.
+    pub fn apply(self, y: &Tensor) -> Result<Tensor> {
+        match self {
+            Activation::Identity => Ok(y.clone()),
+            Activation::Relu => relu(y),
+        }
+    }
+}
+
+/// g, the gradient at the op's output, carried back to the normalization's output for an input
+/// xv of a channel whose (mean, rstd·γ, β) is `pre`: g itself, or with the ReLU g·ReLU′ at the
+/// pre-activation recomputed with the forward's formula — the very bits the forward clamped.
+#[inline(always)]
+fn gated<const RELU: bool>(g: f32, xv: f32, (mean, scale, shift): (f32, f32, f32)) -> f32 {
+    if RELU {
+        relu_gradient(g, (xv - mean) * scale + shift)
+    } else {
+        g
+    }
+}
 
 /// Partial sums per channel: the loops below keep this many f32 sums side by side, which the
 /// compiler turns into a few vector registers of independent additions (two with AVX-512: the
@@ -97,25 +135,32 @@ fn moments_of_channel_kernel(x: &[f32], (n, c, hw): (usize, usize, usize), ch: u
     (mean, var as f32)
 }
 
-simd_kernel!(fn backward_sums_of_channel[](
+simd_kernel!(fn backward_sums_of_channel[const RELU: bool](
     dy: &[f32],
     x: &[f32],
     nchw: (usize, usize, usize),
     ch: usize,
     stats: (f32, f32),
-) -> (f64, f64) = backward_sums_of_channel_kernel[]);
+    affine: (f32, f32),
+) -> (f64, f64) = backward_sums_of_channel_kernel[RELU]);
 
-/// Σ dy and Σ dy·x̂ over channel ch, as [`channel_sum_pair`].
+/// Σ g and Σ g·x̂ over channel ch, with g the [`gated`] dy (γ, β of the channel in `affine`), as
+/// [`channel_sum_pair`].
 #[inline(always)]
-fn backward_sums_of_channel_kernel(
+fn backward_sums_of_channel_kernel<const RELU: bool>(
     dy: &[f32],
     x: &[f32],
     (n, c, hw): (usize, usize, usize),
     ch: usize,
     (mean, rstd): (f32, f32),
+    (gamma, beta): (f32, f32),
 ) -> (f64, f64) {
     let planes = (0..n).map(|i| (i * c + ch) * hw).map(|base| (&dy[base..base + hw], &x[base..base + hw]));
-    channel_sum_pair(planes, |g, xv| (g, g * (xv - mean) * rstd))
+    let pre = (mean, rstd * gamma, beta);
+    channel_sum_pair(planes, |g, xv| {
+        let g = gated::<RELU>(g, xv, pre);
+        (g, g * (xv - mean) * rstd)
+    })
 }
 
 /// Per channel: (mean, 1/√(var + ε)).
@@ -132,8 +177,8 @@ pub type ChannelMoments = Vec<(f32, f32)>;
 /// The moments a forward computed, for the caller's running statistics and the backward.
 type Moments = Arc<Mutex<Option<ChannelMoments>>>;
 
-/// y = (x − mean)·rstd·γ + β (batch statistics): the normalized value rounded to f32, then β
-/// added, so y is bit for bit the normalization followed by
+/// y = (x − mean)·rstd·γ + β (batch statistics), then the activation: the normalized value
+/// rounded to f32, then β added, so y is bit for bit the normalization followed by
 /// [`add_channel_bias`](super::add_channel_bias) — one pass over the output fewer — and dβ is
 /// that op's bias gradient. The forward leaves the batch's moments in `moments`, so the caller's
 /// running statistics need no second pass.
@@ -141,6 +186,7 @@ struct BatchNormOp {
     /// Also read by the backward: the statistics from the forward's moments are the numbers
     /// their recomputation from x would give, without two more passes over x.
     moments: Moments,
+    activation: Activation,
 }
 
 impl CustomOp3 for BatchNormOp {
@@ -166,12 +212,10 @@ impl CustomOp3 for BatchNormOp {
         let moments = channel_moments(x, n, c, hw);
         let stats = channel_stats(&moments);
         *self.moments.lock().expect("moments") = Some(moments);
-        let out = par_collect(x.len(), hw, |plane| {
-            let ch = plane % c;
-            let (mean, rstd) = stats[ch];
-            let (scale, shift) = (rstd * gamma[ch], beta[ch]);
-            x[plane * hw..][..hw].iter().map(move |&xv| (xv - mean) * scale + shift)
-        })?;
+        let out = match self.activation {
+            Activation::Identity => normalize(x, (c, hw), &stats, (gamma, beta), |y| y)?,
+            Activation::Relu => normalize(x, (c, hw), &stats, (gamma, beta), relu_value)?,
+        };
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
 
@@ -179,26 +223,49 @@ impl CustomOp3 for BatchNormOp {
         &self,
         x: &Tensor,
         gamma: &Tensor,
-        _beta: &Tensor,
+        beta: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let stats = self.moments.lock().expect("moments").as_deref().map(channel_stats);
-        let op = BatchNormBackward { gamma: gamma.contiguous()?, stats };
-        let grad = grad.contiguous()?;
-        let packed = x.contiguous()?.apply_op2_no_bwd(&grad, &op)?;
+        let op = BatchNormBackward {
+            gamma: gamma.contiguous()?,
+            beta: beta.contiguous()?,
+            stats,
+            activation: self.activation,
+        };
+        let packed = x.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &op)?;
         let (nx, c) = (x.elem_count(), gamma.elem_count());
-        let dbeta = bias_gradient(&grad, c)?;
-        Ok((Some(packed.narrow(0, 0, nx)?.reshape(x.shape())?), Some(packed.narrow(0, nx, c)?), Some(dbeta)))
+        let (dx, dgamma, dbeta) = (packed.narrow(0, 0, nx)?, packed.narrow(0, nx, c)?, packed.narrow(0, nx + c, c)?);
+        Ok((Some(dx.reshape(x.shape())?), Some(dgamma), Some(dbeta)))
     }
 }
 
-/// [dx | dγ]: with x̂ = (x − mean)·rstd and M = N·H·W per channel,
-/// dx = γ·rstd·(dy − mean(dy) − x̂·mean(dy·x̂)), dγ = Σ dy·x̂.
+/// activation((x − mean)·(rstd·γ) + β), plane by plane in parallel.
+fn normalize(
+    x: &[f32],
+    (c, hw): (usize, usize),
+    stats: &[(f32, f32)],
+    (gamma, beta): (&[f32], &[f32]),
+    activation: impl Fn(f32) -> f32 + Copy + Sync + Send,
+) -> Result<Vec<f32>> {
+    par_collect(x.len(), hw, |plane| {
+        let ch = plane % c;
+        let (mean, rstd) = stats[ch];
+        let (scale, shift) = (rstd * gamma[ch], beta[ch]);
+        x[plane * hw..][..hw].iter().map(move |&xv| activation((xv - mean) * scale + shift))
+    })
+}
+
+/// [dx | dγ | dβ]: with g the [`gated`] dy, x̂ = (x − mean)·rstd and M = N·H·W per channel,
+/// dx = γ·rstd·(g − mean(g) − x̂·mean(g·x̂)), dγ = Σ g·x̂, and dβ = Σ g in candle's order (the
+/// channel-bias op's bias gradient, see [`chained_channel_sums`]).
 struct BatchNormBackward {
     gamma: Tensor,
+    beta: Tensor,
     /// The forward's statistics (None: recompute them from x).
     stats: Option<ChannelStats>,
+    activation: Activation,
 }
 
 impl CustomOp2 for BatchNormBackward {
@@ -207,59 +274,121 @@ impl CustomOp2 for BatchNormBackward {
     }
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (gst, gml) = self.gamma.storage_and_layout();
-        let candle_core::Storage::Cpu(gcpu) = &*gst else {
-            candle_core::bail!("batch-norm backward: gamma not on CPU")
-        };
-        let (x, dy, gamma) = (f32_slice(xs, xl)?, f32_slice(gs, gl)?, f32_slice(gcpu, gml)?);
+        let (x, dy) = (f32_slice(xs, xl)?, f32_slice(gs, gl)?);
+        let (gamma, beta) = (self.gamma.to_vec1::<f32>()?, self.beta.to_vec1::<f32>()?);
         let &[n, c, h, w] = xl.dims() else { candle_core::bail!("batch-norm expects NCHW") };
+        if gamma.len() != c || beta.len() != c || dy.len() != x.len() {
+            candle_core::bail!(
+                "batch-norm backward: {} gains, {} shifts and {} gradients for {:?}",
+                gamma.len(),
+                beta.len(),
+                dy.len(),
+                xl.dims()
+            );
+        }
         let hw = h * w;
         let stats = match &self.stats {
             Some(s) if s.len() == c => s.clone(),
             _ => channel_stats(&channel_moments(x, n, c, hw)),
         };
-        // Per channel: Σ dy and Σ dy·x̂, as channel_sum_pair.
-        let sums: Vec<(f64, f64)> =
-            (0..c).into_par_iter().map(|ch| backward_sums_of_channel(dy, x, (n, c, hw), ch, stats[ch])).collect();
-        let m = (n * hw) as f64;
-        // [dx | dγ]: dx plane by plane, in parallel, as plain slice loops (they vectorize), into
-        // memory each element of which is written once.
-        let len = x.len() + c;
-        let mut out = Vec::with_capacity(len);
-        let (dx, dgamma) = out.spare_capacity_mut()[..len].split_at_mut(x.len());
-        dx.par_chunks_mut(hw.max(1)).enumerate().for_each(|(plane, dst)| {
-            let ch = plane % c;
-            let (mean, rstd) = stats[ch];
-            let (mdy, mdyx) = ((sums[ch].0 / m) as f32, (sums[ch].1 / m) as f32);
-            let k = gamma[ch] * rstd;
-            let base = plane * hw;
-            for ((d, &xv), &g) in dst.iter_mut().zip(&x[base..base + hw]).zip(&dy[base..base + hw]) {
-                let xhat = (xv - mean) * rstd;
-                d.write(k * (g - mdy - xhat * mdyx));
-            }
-        });
-        for (d, s) in dgamma.iter_mut().zip(&sums) {
-            d.write(s.1 as f32);
-        }
-        // SAFETY: the planes partition dx (x.len() = n·c·hw) and each loop wrote its whole plane;
-        // dγ's c elements were written just above.
-        unsafe { out.set_len(len) };
-        Ok((CpuStorage::F32(out), Shape::from(x.len() + c)))
+        let per_channel = PerChannel { stats: &stats, gamma: &gamma, beta: &beta };
+        let out = match self.activation {
+            Activation::Identity => backward::<false>(x, dy, (n, c, hw), per_channel),
+            Activation::Relu => backward::<true>(x, dy, (n, c, hw), per_channel),
+        };
+        Ok((CpuStorage::F32(out), Shape::from(out_len(x.len(), c))))
     }
 }
 
-/// Batch normalization with batch statistics, gain γ and shift β (NCHW). With the output, the
-/// batch's per-channel (mean, biased variance) when the fused kernel computed them (f32 on the
-/// CPU; None elsewhere: compute them from x).
-pub fn batch_norm_train(x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<(Tensor, Option<ChannelMoments>)> {
+/// A channel's numbers the backward reads: the forward's statistics and the affine parameters.
+#[derive(Clone, Copy)]
+struct PerChannel<'a> {
+    stats: &'a [(f32, f32)],
+    gamma: &'a [f32],
+    beta: &'a [f32],
+}
+
+impl PerChannel<'_> {
+    /// (mean, rstd·γ, β): the forward's pre-activation is (x − mean)·(rstd·γ) + β.
+    fn pre_activation(&self, ch: usize) -> (f32, f32, f32) {
+        let (mean, rstd) = self.stats[ch];
+        (mean, rstd * self.gamma[ch], self.beta[ch])
+    }
+}
+
+/// [dx | dγ | dβ] has x's elements and two per channel.
+fn out_len(nx: usize, c: usize) -> usize {
+    nx + 2 * c
+}
+
+/// [dx | dγ | dβ] (see [`BatchNormBackward`]), with dy gated as [`gated`]`::<RELU>`.
+fn backward<const RELU: bool>(x: &[f32], dy: &[f32], (n, c, hw): (usize, usize, usize), p: PerChannel) -> Vec<f32> {
+    // Per channel: Σ g and Σ g·x̂, as channel_sum_pair.
+    let sums: Vec<(f64, f64)> = (0..c)
+        .into_par_iter()
+        .map(|ch| backward_sums_of_channel::<RELU>(dy, x, (n, c, hw), ch, p.stats[ch], (p.gamma[ch], p.beta[ch])))
+        .collect();
+    let dbeta = chained_channel_sums((n, c, hw), |plane, scratch| {
+        let dy = &dy[plane * hw..][..hw];
+        if !RELU {
+            return Some(dy);
+        }
+        let pre = p.pre_activation(plane % c);
+        for ((s, &g), &xv) in scratch.iter_mut().zip(dy).zip(&x[plane * hw..][..hw]) {
+            *s = gated::<RELU>(g, xv, pre);
+        }
+        None
+    });
+    let m = (n * hw) as f64;
+    // dx plane by plane, in parallel, as plain slice loops (they vectorize), into memory each
+    // element of which is written once.
+    let len = out_len(x.len(), c);
+    let mut out = Vec::with_capacity(len);
+    let (dx, dgamma) = out.spare_capacity_mut()[..len].split_at_mut(x.len());
+    dx.par_chunks_mut(hw.max(1)).enumerate().for_each(|(plane, dst)| {
+        let ch = plane % c;
+        let (mean, rstd) = p.stats[ch];
+        let pre = p.pre_activation(ch);
+        let (mdy, mdyx) = ((sums[ch].0 / m) as f32, (sums[ch].1 / m) as f32);
+        let k = p.gamma[ch] * rstd;
+        let base = plane * hw;
+        for ((d, &xv), &g) in dst.iter_mut().zip(&x[base..base + hw]).zip(&dy[base..base + hw]) {
+            let g = gated::<RELU>(g, xv, pre);
+            let xhat = (xv - mean) * rstd;
+            d.write(k * (g - mdy - xhat * mdyx));
+        }
+    });
+    let (dgamma, dbeta_out) = dgamma.split_at_mut(c);
+    for (d, s) in dgamma.iter_mut().zip(&sums) {
+        d.write(s.1 as f32);
+    }
+    for (d, &s) in dbeta_out.iter_mut().zip(&dbeta) {
+        d.write(s);
+    }
+    // SAFETY: the planes partition dx (x.len() = n·c·hw) and each loop wrote its whole plane;
+    // dγ's and dβ's c elements each were written just above.
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// Batch normalization with batch statistics, gain γ and shift β (NCHW), then `activation`.
+/// With the output, the batch's per-channel (mean, biased variance) when the fused kernel
+/// computed them (f32 on the CPU; None elsewhere: compute them from x).
+pub fn batch_norm_train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    activation: Activation,
+) -> Result<(Tensor, Option<ChannelMoments>)> {
     if on_fused_path(x) {
         let moments = Moments::default();
-        let op = BatchNormOp { moments: moments.clone() };
+        let op = BatchNormOp { moments: moments.clone(), activation };
         let y = x.contiguous()?.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?;
         let computed = moments.lock().expect("moments").clone();
         Ok((y, computed))
     } else {
-        Ok((composed(x, gamma)?.broadcast_add(&beta.reshape((1, (), 1, 1))?)?, None))
+        let y = composed(x, gamma)?.broadcast_add(&beta.reshape((1, (), 1, 1))?)?;
+        Ok((activation.apply(&y)?, None))
     }
 }
 
@@ -291,7 +420,18 @@ mod tests {
                 .broadcast_add(&beta.reshape((1, 4, 1, 1)).unwrap())
                 .unwrap()
         };
-        grads_match(|x, g| batch_norm_train(x, g, &beta).unwrap().0, reference, &[6, 4, 5, 3], &[4]);
+        grads_match(
+            |x, g| batch_norm_train(x, g, &beta, Activation::Identity).unwrap().0,
+            reference,
+            &[6, 4, 5, 3],
+            &[4],
+        );
+        grads_match(
+            |x, g| batch_norm_train(x, g, &beta, Activation::Relu).unwrap().0,
+            |x, g| reference(x, g).relu().unwrap(),
+            &[6, 4, 5, 3],
+            &[4],
+        );
     }
 
     #[test]
@@ -308,11 +448,11 @@ mod tests {
             let [x, gamma, beta] = &vars;
             let x4 = x.as_tensor().reshape((n, c, h, w)).unwrap();
             let r = Tensor::randn(0f32, 1.0, (n, c, h, w), &dev).unwrap();
-            let fused = batch_norm_train(&x4, gamma.as_tensor(), beta.as_tensor()).unwrap().0;
+            let fused = batch_norm_train(&x4, gamma.as_tensor(), beta.as_tensor(), Activation::Identity).unwrap().0;
             // The normalization alone (a zero shift adds nothing but turns −0 into +0, which
             // the channel bias's own addition does as well), then the shift by the bias op.
             let zero = Tensor::zeros(c, candle_core::DType::F32, &dev).unwrap();
-            let normalized = batch_norm_train(&x4, gamma.as_tensor(), &zero).unwrap().0;
+            let normalized = batch_norm_train(&x4, gamma.as_tensor(), &zero, Activation::Identity).unwrap().0;
             let composed = add_channel_bias(&normalized, beta.as_tensor()).unwrap();
             assert_eq!(bits(&fused), bits(&composed), "forward {n}×{c}×{h}×{w}");
             let gf = (fused * &r).unwrap().sum_all().unwrap().backward().unwrap();
@@ -332,7 +472,7 @@ mod tests {
             Tensor::ones(3, candle_core::DType::F32, &dev).unwrap(),
             Tensor::ones(4, candle_core::DType::F32, &dev).unwrap(),
         );
-        let err = batch_norm_train(&x, &three, &four).unwrap_err().to_string();
+        let err = batch_norm_train(&x, &three, &four, Activation::Relu).unwrap_err().to_string();
         assert!(err.contains("3 gains and 4 shifts for 3 channels"), "{err}");
     }
 
@@ -341,21 +481,77 @@ mod tests {
         use crate::models::ops::testing::bits;
         let dev = candle_core::Device::Cpu;
         // 7×7 planes of 64 channels: dγ (64 values) spans two 49-element chunks of the output.
-        for (n, c, h, w) in [(5, 3, 4, 6), (3, 64, 7, 7)] {
+        for ((n, c, h, w), activation) in
+            [(5, 3, 4, 6), (3, 64, 7, 7)].into_iter().flat_map(|s| [(s, Activation::Identity), (s, Activation::Relu)])
+        {
             let x = candle_core::Var::from_tensor(
                 &Tensor::randn(0f32, 1.0, (n, c, h, w), &dev).unwrap().affine(2.0, 0.5).unwrap(),
             )
             .unwrap();
             let gamma = candle_core::Var::from_tensor(&Tensor::randn(1f32, 0.2, c, &dev).unwrap()).unwrap();
-            let beta = Tensor::randn(0f32, 1.0, c, &dev).unwrap();
-            let (y, _) = batch_norm_train(x.as_tensor(), gamma.as_tensor(), &beta).unwrap();
+            let beta = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, c, &dev).unwrap()).unwrap();
+            let (y, _) = batch_norm_train(x.as_tensor(), gamma.as_tensor(), beta.as_tensor(), activation).unwrap();
             let r = Tensor::randn(0f32, 1.0, y.shape(), &dev).unwrap();
             let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let recomputed = BatchNormBackward { gamma: gamma.as_tensor().clone(), stats: None };
+            let recomputed = BatchNormBackward {
+                gamma: gamma.as_tensor().clone(),
+                beta: beta.as_tensor().clone(),
+                stats: None,
+                activation,
+            };
             let packed = x.as_tensor().apply_op2_no_bwd(&r, &recomputed).unwrap();
             let nx = n * c * h * w;
-            assert_eq!(bits(g.get(x.as_tensor()).unwrap()), bits(&packed.narrow(0, 0, nx).unwrap()));
-            assert_eq!(bits(g.get(gamma.as_tensor()).unwrap()), bits(&packed.narrow(0, nx, c).unwrap()));
+            let what = format!("{n}×{c}×{h}×{w} {activation:?}");
+            assert_eq!(bits(g.get(x.as_tensor()).unwrap()), bits(&packed.narrow(0, 0, nx).unwrap()), "dx {what}");
+            assert_eq!(bits(g.get(gamma.as_tensor()).unwrap()), bits(&packed.narrow(0, nx, c).unwrap()), "dγ {what}");
+            assert_eq!(
+                bits(g.get(beta.as_tensor()).unwrap()),
+                bits(&packed.narrow(0, nx + c, c).unwrap()),
+                "dβ {what}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_relu_inside_is_the_relu_op_after_it_bit_for_bit() {
+        use crate::models::ops::testing::bits;
+        use candle_core::Var;
+        let dev = candle_core::Device::Cpu;
+        // Batches large enough that the order of dβ's sum shows in its bits; channel counts that
+        // do and do not fill the bias gradient's chains.
+        for (n, c, h, w) in [(64, 3, 9, 9), (5, 16, 4, 6), (2, 9, 1, 1)] {
+            let mut x = Tensor::randn(0f32, 1.0, (n, c, h, w), &dev).unwrap().affine(1.5, 0.5).unwrap();
+            let (mut gamma, mut beta) = (
+                Tensor::randn(1f32, 0.3, c, &dev).unwrap().to_vec1::<f32>().unwrap(),
+                Tensor::randn(0f32, 1.0, c, &dev).unwrap().to_vec1::<f32>().unwrap(),
+            );
+            // Pre-activations of exactly +0, where ReLU′ = 1: channel 0 is constant (x − mean is
+            // 0 exactly) with β = 0; channel 1 has γ = 0 and β = 0 ((x − mean)·0 + 0 is +0 for
+            // either sign of x − mean).
+            let constant = Tensor::full(0.75f32, (n, 1, h, w), &dev).unwrap();
+            x = Tensor::cat(&[&constant, &x.narrow(1, 1, c - 1).unwrap()], 1).unwrap();
+            (gamma[1], beta[0], beta[1]) = (0.0, 0.0, 0.0);
+            let vars = [x.flatten_all().unwrap(), Tensor::new(gamma, &dev).unwrap(), Tensor::new(beta, &dev).unwrap()]
+                .map(|t| Var::from_tensor(&t).unwrap());
+            let [x, gamma, beta] = &vars;
+            let x4 = x.as_tensor().reshape((n, c, h, w)).unwrap();
+            let r = Tensor::randn(0f32, 1.0, (n, c, h, w), &dev).unwrap();
+            let fused = batch_norm_train(&x4, gamma.as_tensor(), beta.as_tensor(), Activation::Relu).unwrap().0;
+            let normalized =
+                batch_norm_train(&x4, gamma.as_tensor(), beta.as_tensor(), Activation::Identity).unwrap().0;
+            let composed = relu(&normalized).unwrap();
+            assert_eq!(bits(&fused), bits(&composed), "forward {n}×{c}×{h}×{w}");
+            let zeros = normalized.narrow(1, 0, 2).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(zeros.iter().all(|v| v.to_bits() == 0), "channels 0 and 1 are +0 before the ReLU");
+            let gf = (fused * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gc = (composed * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            for (what, v) in [("dx", x), ("dγ", gamma), ("dβ", beta)] {
+                let (f, c) = (gf.get(v.as_tensor()).unwrap(), gc.get(v.as_tensor()).unwrap());
+                assert_eq!(bits(f), bits(c), "{what} {n}×{c}×{h}×{w}");
+            }
+            // At +0 the gradient passes (ReLU′(0) = 1): channel 1's dβ is Σ r over it, not 0.
+            let dbeta = gf.get(beta.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+            assert_ne!(dbeta[1], 0.0);
         }
     }
 
@@ -377,9 +573,17 @@ mod tests {
                     "{n}×{c}×{hw}"
                 );
                 let stats = (mean, 1.0 / (var + BN_EPS).sqrt());
-                let (a, b) = backward_sums_of_channel(&dy, &x, (n, c, hw), ch, stats);
-                let baseline = backward_sums_of_channel_kernel(&dy, &x, (n, c, hw), ch, stats);
+                let affine = (1.0 + 0.1 * ch as f32, 0.5 - 0.4 * ch as f32);
+                let (a, b) = backward_sums_of_channel::<false>(&dy, &x, (n, c, hw), ch, stats, affine);
+                let baseline = backward_sums_of_channel_kernel::<false>(&dy, &x, (n, c, hw), ch, stats, affine);
                 assert_eq!((a.to_bits(), b.to_bits()), (baseline.0.to_bits(), baseline.1.to_bits()), "{n}×{c}×{hw}");
+                let (a, b) = backward_sums_of_channel::<true>(&dy, &x, (n, c, hw), ch, stats, affine);
+                let baseline = backward_sums_of_channel_kernel::<true>(&dy, &x, (n, c, hw), ch, stats, affine);
+                assert_eq!(
+                    (a.to_bits(), b.to_bits()),
+                    (baseline.0.to_bits(), baseline.1.to_bits()),
+                    "ReLU {n}×{c}×{hw}"
+                );
             }
         }
     }
@@ -392,7 +596,7 @@ mod tests {
             Tensor::ones(3, candle_core::DType::F32, &dev).unwrap(),
             Tensor::zeros(3, candle_core::DType::F32, &dev).unwrap(),
         );
-        let (_, moments) = batch_norm_train(&x, &ones, &zeros).unwrap();
+        let (_, moments) = batch_norm_train(&x, &ones, &zeros, Activation::Identity).unwrap();
         let moments = moments.expect("the fused kernel ran");
         let mean = x.mean_keepdim(0).unwrap().mean_keepdim(2).unwrap().mean_keepdim(3).unwrap();
         let var = x.broadcast_sub(&mean).unwrap().sqr().unwrap().mean_keepdim(0).unwrap();

@@ -66,27 +66,50 @@ impl CustomOp1 for ChannelSum {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = f32_slice(s, l)?;
         let (n, c, plane) = dims(l, self.channels)?;
-        let sums: Vec<f32> = (0..c.div_ceil(CHAINS))
-            .into_par_iter()
-            .flat_map_iter(|block| {
-                let (first, k) = (block * CHAINS, CHAINS.min(c - block * CHAINS));
-                let mut acc = [0f32; CHAINS];
-                for img in 0..n {
-                    // A last block of k < CHAINS channels repeats its last one in the spare
-                    // chains, whose sums are dropped.
-                    let planes: [&[f32]; CHAINS] =
-                        std::array::from_fn(|q| &g[(img * c + first + q.min(k - 1)) * plane..][..plane]);
-                    for j in 0..plane {
-                        for (a, p) in acc.iter_mut().zip(&planes) {
-                            *a += p[j];
-                        }
-                    }
-                }
-                acc.into_iter().take(k)
-            })
-            .collect();
+        let sums = chained_channel_sums((n, c, plane), |i, _| Some(&g[i * plane..][..plane]));
         Ok((CpuStorage::F32(sums), Shape::from(c)))
     }
+}
+
+/// Per channel ch of an NCHW layout (n, c, plane): Σ over images and positions of the values
+/// `plane_values(image · c + ch, scratch)` gives for each of its planes — a plane it returns
+/// (Some), or values it wrote into `scratch`, room for one plane (None) — each channel's sum one f32
+/// chain from 0 in candle's order: image by image, position by position. CHAINS channels' chains
+/// advance side by side, in parallel over blocks of channels.
+///
+/// A value computed in the chains' loop itself would cost its arithmetic CHAINS times per step
+/// of the chains' one-element-at-a-time walk; computed into `scratch` first, plane by plane, it
+/// runs in vector registers and stays in the L1 cache for the chains.
+pub(super) fn chained_channel_sums<'a>(
+    (n, c, plane): (usize, usize, usize),
+    plane_values: impl Fn(usize, &mut [f32]) -> Option<&'a [f32]> + Sync,
+) -> Vec<f32> {
+    (0..c.div_ceil(CHAINS))
+        .into_par_iter()
+        .flat_map_iter(|block| {
+            let (first, k) = (block * CHAINS, CHAINS.min(c - block * CHAINS));
+            let mut scratch = vec![0f32; CHAINS * plane];
+            let mut acc = [0f32; CHAINS];
+            for img in 0..n {
+                // A last block of k < CHAINS channels repeats its last one in the spare
+                // chains, whose sums are dropped.
+                let mut room = scratch.chunks_exact_mut(plane.max(1));
+                let planes: [&[f32]; CHAINS] = std::array::from_fn(|q| {
+                    let scratch = room.next().unwrap_or_default();
+                    match plane_values(img * c + first + q.min(k - 1), scratch) {
+                        Some(values) => &values[..plane],
+                        None => &scratch[..plane],
+                    }
+                });
+                for j in 0..plane {
+                    for (a, p) in acc.iter_mut().zip(&planes) {
+                        *a += p[j];
+                    }
+                }
+            }
+            acc.into_iter().take(k)
+        })
+        .collect()
 }
 
 /// The bias gradient of an NCHW output gradient `grad` (contiguous): Σ over images and positions,

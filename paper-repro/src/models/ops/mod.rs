@@ -1,7 +1,8 @@
 //! Fused CPU operators with hand-written backward passes: causal self-attention on the packed
 //! q|k|v projection, the causal softmax, LayerNorm (gain only; the bias is a separate broadcast
 //! add), the exact (erf) GELU, the convolution (im2col or implicit GEMM), training-mode batch
-//! normalization, a per-channel bias, ReLU, 2×2 max pooling, and the linear layer's product
+//! normalization (with the ReLU after it inside, where one follows), a per-channel bias, ReLU,
+//! 2×2 max pooling, and the linear layer's product
 //! (its backward forms the weight's gradient in the weight's own layout).
 //!
 //! Composed from candle's elementwise operators, each of these costs 5–20 passes over its
@@ -27,7 +28,7 @@ mod relu;
 mod softmax;
 
 pub use attention::{causal_mask, causal_self_attention, composed_causal_self_attention};
-pub use batch_norm::batch_norm_train;
+pub use batch_norm::{batch_norm_train, Activation};
 pub use channel_bias::add_channel_bias;
 pub use conv2d::{conv2d, ConvAlgorithm, IMPLICIT_MIN_CHANNELS};
 pub use gelu::gelu;

@@ -11,6 +11,19 @@
 use super::{f32_slice, on_fused_path, par_collect, Result};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 
+/// max(v, 0) as candle's ReLU computes it (`f32::max`: a NaN gives 0).
+#[inline(always)]
+pub(super) fn relu_value(v: f32) -> f32 {
+    v.max(0f32)
+}
+
+/// The gradient g reaching ReLU's input v: g · [v ≥ 0], the mask as 1.0 or 0.0 (see the module
+/// comment).
+#[inline(always)]
+pub(super) fn relu_gradient(g: f32, v: f32) -> f32 {
+    g * if v >= 0.0 { 1f32 } else { 0f32 }
+}
+
 /// Elements per rayon task.
 const CHUNK: usize = 1 << 14;
 
@@ -23,7 +36,7 @@ impl CustomOp1 for Relu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l)?;
-        let out = par_collect(x.len(), CHUNK, |i| x[i * CHUNK..].iter().take(CHUNK).map(|v| v.max(0f32)))?;
+        let out = par_collect(x.len(), CHUNK, |i| x[i * CHUNK..].iter().take(CHUNK).map(|&v| relu_value(v)))?;
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
@@ -47,7 +60,7 @@ impl CustomOp2 for ReluBackward {
         }
         let out = par_collect(x.len(), CHUNK, |i| {
             let (xc, gc) = (&x[i * CHUNK..], &g[i * CHUNK..]);
-            xc.iter().zip(gc).take(CHUNK).map(|(v, gv)| gv * if *v >= 0.0 { 1f32 } else { 0f32 })
+            xc.iter().zip(gc).take(CHUNK).map(|(&v, &gv)| relu_gradient(gv, v))
         })?;
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
