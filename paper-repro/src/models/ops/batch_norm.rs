@@ -39,13 +39,20 @@ impl Activation {
     }
 }
 
+/// The normalized value of xv in a channel whose (mean, rstd·γ, β) is `pre` (see
+/// [`PerChannel::normalization`]): the one formula the forward and the backward both use.
+#[inline(always)]
+fn normalized((mean, scale, shift): (f32, f32, f32), xv: f32) -> f32 {
+    (xv - mean) * scale + shift
+}
+
 /// g, the gradient at the op's output, carried back to the normalization's output for an input
 /// xv of a channel whose (mean, rstd·γ, β) is `pre`: g itself, or with the ReLU g·ReLU′ at the
 /// pre-activation recomputed with the forward's formula — the very bits the forward clamped.
 #[inline(always)]
-fn gated<const RELU: bool>(g: f32, xv: f32, (mean, scale, shift): (f32, f32, f32)) -> f32 {
+fn gated<const RELU: bool>(g: f32, xv: f32, pre: (f32, f32, f32)) -> f32 {
     if RELU {
-        relu_gradient(g, (xv - mean) * scale + shift)
+        relu_gradient(g, normalized(pre, xv))
     } else {
         g
     }
@@ -141,11 +148,10 @@ simd_kernel!(fn backward_sums_of_channel[const RELU: bool](
     nchw: (usize, usize, usize),
     ch: usize,
     stats: (f32, f32),
-    affine: (f32, f32),
+    pre: (f32, f32, f32),
 ) -> (f64, f64) = backward_sums_of_channel_kernel[RELU]);
 
-/// Σ g and Σ g·x̂ over channel ch, with g the [`gated`] dy (γ, β of the channel in `affine`), as
-/// [`channel_sum_pair`].
+/// Σ g and Σ g·x̂ over channel ch, with g the [`gated`] dy, as [`channel_sum_pair`].
 #[inline(always)]
 fn backward_sums_of_channel_kernel<const RELU: bool>(
     dy: &[f32],
@@ -153,10 +159,9 @@ fn backward_sums_of_channel_kernel<const RELU: bool>(
     (n, c, hw): (usize, usize, usize),
     ch: usize,
     (mean, rstd): (f32, f32),
-    (gamma, beta): (f32, f32),
+    pre: (f32, f32, f32),
 ) -> (f64, f64) {
     let planes = (0..n).map(|i| (i * c + ch) * hw).map(|base| (&dy[base..base + hw], &x[base..base + hw]));
-    let pre = (mean, rstd * gamma, beta);
     channel_sum_pair(planes, |g, xv| {
         let g = gated::<RELU>(g, xv, pre);
         (g, g * (xv - mean) * rstd)
@@ -212,9 +217,10 @@ impl CustomOp3 for BatchNormOp {
         let moments = channel_moments(x, n, c, hw);
         let stats = channel_stats(&moments);
         *self.moments.lock().expect("moments") = Some(moments);
+        let per_channel = PerChannel { stats: &stats, gamma, beta };
         let out = match self.activation {
-            Activation::Identity => normalize(x, (c, hw), &stats, (gamma, beta), |y| y)?,
-            Activation::Relu => normalize(x, (c, hw), &stats, (gamma, beta), relu_value)?,
+            Activation::Identity => normalize(x, (c, hw), per_channel, |y| y)?,
+            Activation::Relu => normalize(x, (c, hw), per_channel, relu_value)?,
         };
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
@@ -245,15 +251,12 @@ impl CustomOp3 for BatchNormOp {
 fn normalize(
     x: &[f32],
     (c, hw): (usize, usize),
-    stats: &[(f32, f32)],
-    (gamma, beta): (&[f32], &[f32]),
+    p: PerChannel,
     activation: impl Fn(f32) -> f32 + Copy + Sync + Send,
 ) -> Result<Vec<f32>> {
     par_collect(x.len(), hw, |plane| {
-        let ch = plane % c;
-        let (mean, rstd) = stats[ch];
-        let (scale, shift) = (rstd * gamma[ch], beta[ch]);
-        x[plane * hw..][..hw].iter().map(move |&xv| activation((xv - mean) * scale + shift))
+        let pre = p.normalization(plane % c);
+        x[plane * hw..][..hw].iter().map(move |&xv| activation(normalized(pre, xv)))
     })
 }
 
@@ -300,7 +303,8 @@ impl CustomOp2 for BatchNormBackward {
     }
 }
 
-/// A channel's numbers the backward reads: the forward's statistics and the affine parameters.
+/// Per channel, the numbers the forward and the backward read: the batch statistics and the
+/// affine parameters.
 #[derive(Clone, Copy)]
 struct PerChannel<'a> {
     stats: &'a [(f32, f32)],
@@ -309,8 +313,8 @@ struct PerChannel<'a> {
 }
 
 impl PerChannel<'_> {
-    /// (mean, rstd·γ, β): the forward's pre-activation is (x − mean)·(rstd·γ) + β.
-    fn pre_activation(&self, ch: usize) -> (f32, f32, f32) {
+    /// Channel ch's (mean, rstd·γ, β), for [`normalized`].
+    fn normalization(&self, ch: usize) -> (f32, f32, f32) {
         let (mean, rstd) = self.stats[ch];
         (mean, rstd * self.gamma[ch], self.beta[ch])
     }
@@ -326,14 +330,14 @@ fn backward<const RELU: bool>(x: &[f32], dy: &[f32], (n, c, hw): (usize, usize, 
     // Per channel: Σ g and Σ g·x̂, as channel_sum_pair.
     let sums: Vec<(f64, f64)> = (0..c)
         .into_par_iter()
-        .map(|ch| backward_sums_of_channel::<RELU>(dy, x, (n, c, hw), ch, p.stats[ch], (p.gamma[ch], p.beta[ch])))
+        .map(|ch| backward_sums_of_channel::<RELU>(dy, x, (n, c, hw), ch, p.stats[ch], p.normalization(ch)))
         .collect();
     let dbeta = chained_channel_sums((n, c, hw), |plane, scratch| {
         let dy = &dy[plane * hw..][..hw];
         if !RELU {
             return Some(dy);
         }
-        let pre = p.pre_activation(plane % c);
+        let pre = p.normalization(plane % c);
         for ((s, &g), &xv) in scratch.iter_mut().zip(dy).zip(&x[plane * hw..][..hw]) {
             *s = gated::<RELU>(g, xv, pre);
         }
@@ -348,7 +352,7 @@ fn backward<const RELU: bool>(x: &[f32], dy: &[f32], (n, c, hw): (usize, usize, 
     dx.par_chunks_mut(hw.max(1)).enumerate().for_each(|(plane, dst)| {
         let ch = plane % c;
         let (mean, rstd) = p.stats[ch];
-        let pre = p.pre_activation(ch);
+        let pre = p.normalization(ch);
         let (mdy, mdyx) = ((sums[ch].0 / m) as f32, (sums[ch].1 / m) as f32);
         let k = p.gamma[ch] * rstd;
         let base = plane * hw;
@@ -573,12 +577,12 @@ mod tests {
                     "{n}×{c}×{hw}"
                 );
                 let stats = (mean, 1.0 / (var + BN_EPS).sqrt());
-                let affine = (1.0 + 0.1 * ch as f32, 0.5 - 0.4 * ch as f32);
-                let (a, b) = backward_sums_of_channel::<false>(&dy, &x, (n, c, hw), ch, stats, affine);
-                let baseline = backward_sums_of_channel_kernel::<false>(&dy, &x, (n, c, hw), ch, stats, affine);
+                let pre = (stats.0, stats.1 * (1.0 + 0.1 * ch as f32), 0.5 - 0.4 * ch as f32);
+                let (a, b) = backward_sums_of_channel::<false>(&dy, &x, (n, c, hw), ch, stats, pre);
+                let baseline = backward_sums_of_channel_kernel::<false>(&dy, &x, (n, c, hw), ch, stats, pre);
                 assert_eq!((a.to_bits(), b.to_bits()), (baseline.0.to_bits(), baseline.1.to_bits()), "{n}×{c}×{hw}");
-                let (a, b) = backward_sums_of_channel::<true>(&dy, &x, (n, c, hw), ch, stats, affine);
-                let baseline = backward_sums_of_channel_kernel::<true>(&dy, &x, (n, c, hw), ch, stats, affine);
+                let (a, b) = backward_sums_of_channel::<true>(&dy, &x, (n, c, hw), ch, stats, pre);
+                let baseline = backward_sums_of_channel_kernel::<true>(&dy, &x, (n, c, hw), ch, stats, pre);
                 assert_eq!(
                     (a.to_bits(), b.to_bits()),
                     (baseline.0.to_bits(), baseline.1.to_bits()),
