@@ -7,11 +7,11 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Module, Tensor, Var};
-
-use crate::models::ops::Activation;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
+
+use crate::models::ops::Activation;
 
 /// Named trainable parameters in creation order, plus named non-trainable buffers
 /// (batch-norm running statistics).

@@ -2,8 +2,8 @@
 //! q|k|v projection, the causal softmax, LayerNorm (gain only; the bias is a separate broadcast
 //! add), the exact (erf) GELU, the convolution (im2col or implicit GEMM), training-mode batch
 //! normalization (with the ReLU after it inside, where one follows), a per-channel bias, ReLU,
-//! 2×2 max pooling, and the linear layer's product
-//! (its backward forms the weight's gradient in the weight's own layout).
+//! 2×2 max pooling, and the linear layer's product (its backward forms the weight's gradient in
+//! the weight's own layout).
 //!
 //! Composed from candle's elementwise operators, each of these costs 5–20 passes over its
 //! tensor and as many allocations, forward and backward; profiling the baby GPT's training step
