@@ -5,8 +5,11 @@
 //! `python3`), the same models' steps in PyTorch on the same threads, timed in the same run in
 //! `--rounds` alternating pairs (ours, then PyTorch's right after), as `baby-gpt ours/pytorch: R`,
 //! `cnn ours/pytorch: R`, `resnet ours/pytorch: R` (ours with Adam; R the median of the pairs'
-//! ratios, each pair's ratio on the line below it). The PyTorch scripts are
-//! `paper-repro/bench/*.py`, embedded in the binary.
+//! ratios, each pair's ratio on the line below it). Each baby-GPT round also times the layer
+//! shapes' matrix products, ours and PyTorch's (`matmul GFLOP/s ours/pytorch (baby-gpt layer
+//! shapes): R`), so a run shows whether the step's gap is the products' (which of the two
+//! libraries' GEMM is faster depends on the host's instruction set) or the rest's. The PyTorch
+//! scripts are `paper-repro/bench/*.py`, embedded in the binary.
 
 use std::path::Path;
 
@@ -30,6 +33,17 @@ pub enum BenchModel {
     BabyGpt,
     Cnn,
     Resnet,
+}
+
+impl BenchModel {
+    /// The model's name in the printed lines (and the PyTorch vision script's argument).
+    fn name(self) -> &'static str {
+        match self {
+            BenchModel::BabyGpt => "baby-gpt",
+            BenchModel::Cnn => "cnn",
+            BenchModel::Resnet => "resnet",
+        }
+    }
 }
 
 fn base(task: Task, optimizer: &str, batch: usize) -> RunSpec {
@@ -113,6 +127,9 @@ fn baby_gpt_task(scratch: &Path) -> Result<Task> {
     })
 }
 
+/// The line (ours and the PyTorch script's) that gives the products' GFLOP/s.
+const MATMUL_LINE: &str = "matmul GFLOP/s (baby-gpt layer shapes)";
+
 /// The forward matrix products of one baby-GPT layer at batch 8 × 256 tokens (q|k|v, attention
 /// output, MLP in, MLP out): (rows, inner, cols).
 const BABY_GPT_MATMULS: [(usize, usize, usize); 4] =
@@ -157,10 +174,16 @@ fn torch_python() -> Option<String> {
     ok.then_some(python)
 }
 
-/// Run one embedded PyTorch script on `threads` threads and read the number after `key: ` in
-/// its output.
-fn pytorch_rate(python: &str, scratch: &Path, script: &str, args: &[&str], key: &str, threads: usize) -> Result<f64> {
-    use anyhow::Context;
+/// Run one embedded PyTorch script on `threads` threads and read the number after each of `keys`
+/// in its output, in the order of `keys`.
+fn pytorch_rates<const K: usize>(
+    python: &str,
+    scratch: &Path,
+    script: &str,
+    args: &[&str],
+    keys: [&str; K],
+    threads: usize,
+) -> Result<[f64; K]> {
     let path = scratch.join("bench.py");
     std::fs::write(&path, script)?;
     let out = std::process::Command::new(python)
@@ -174,9 +197,17 @@ fn pytorch_rate(python: &str, scratch: &Path, script: &str, args: &[&str], key: 
     if !out.status.success() {
         anyhow::bail!("the PyTorch benchmark failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
-    text.lines()
-        .find_map(|l| l.split_once(key).and_then(|(_, v)| v.trim_start_matches(':').trim().parse::<f64>().ok()))
-        .with_context(|| format!("no `{key}` line in the PyTorch benchmark's output: {text}"))
+    let mut rates = [0.0; K];
+    for (rate, key) in rates.iter_mut().zip(keys) {
+        *rate = number_after(&text, key)
+            .with_context(|| format!("no `{key}` line in the PyTorch benchmark's output: {text}"))?;
+    }
+    Ok(rates)
+}
+
+/// The number after `key` (and an optional colon) on the first line of `text` that has one.
+fn number_after(text: &str, key: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.split_once(key).and_then(|(_, v)| v.trim_start_matches(':').trim().parse::<f64>().ok()))
 }
 
 /// Ours against PyTorch in `rounds` alternating pairs: per round, ours and then PyTorch's step
@@ -207,6 +238,18 @@ fn print_versus(model_name: &str, unit: &str, pairs: &[(f64, f64)]) {
     println!("  {} rounds, ours then pytorch: ratios {}", pairs.len(), each.join(", "));
 }
 
+/// Print PyTorch's products' GFLOP/s on the baby GPT's layer shapes and ours against them, the
+/// median of the rounds' own ratios as in [`print_versus`].
+fn print_products_versus(pairs: &[(f64, f64)]) {
+    println!("pytorch {MATMUL_LINE}: {:.0}", median_of(pairs.iter().map(|p| p.1).collect()));
+    println!(
+        "matmul GFLOP/s ours/pytorch (baby-gpt layer shapes): {:.2}",
+        median_of(pairs.iter().map(|p| p.0 / p.1).collect())
+    );
+    let each: Vec<String> = pairs.iter().map(|p| format!("{:.2}", p.0 / p.1)).collect();
+    println!("  {} rounds, ours then pytorch: ratios {}", pairs.len(), each.join(", "));
+}
+
 /// Run the benchmark of the `models` (all three when empty); `scratch` is a folder for the
 /// benchmark's corpus and images. With PyTorch, Adam's step is timed against PyTorch's in
 /// `rounds` alternating pairs.
@@ -214,7 +257,7 @@ pub fn run(scratch: &Path, steps: u64, rounds: usize, models: &[BenchModel], con
     let wanted = |m: BenchModel| models.is_empty() || models.contains(&m);
     let threads = rayon::current_num_threads();
     println!("training-step benchmark: {threads} threads, median of {steps} updates");
-    println!("matmul GFLOP/s (baby-gpt layer shapes): {:.0}", matmul_gflops(20)?);
+    println!("{MATMUL_LINE}: {:.0}", matmul_gflops(20)?);
     let python = torch_python();
     if python.is_none() {
         println!("pytorch: not importable (set MADA_TORCH_PYTHON to a Python with torch); no ratios");
@@ -222,7 +265,8 @@ pub fn run(scratch: &Path, steps: u64, rounds: usize, models: &[BenchModel], con
     let steps_arg = steps.max(3).to_string();
     // One optimizer's line for one model: ours alone, or, for Adam with torch found, paired with
     // PyTorch's in rounds.
-    let timed = |model_name: &str, unit: &str, optimizer: &str, spec: &RunSpec| -> Result<(f64, f64)> {
+    let timed = |bench_model: BenchModel, unit: &str, optimizer: &str, spec: &RunSpec| -> Result<(f64, f64)> {
+        let model_name = bench_model.name();
         let mut detail = (0.0, 0.0);
         let mut ours = || {
             let (ips, model, optim) = measure(spec, steps)?;
@@ -230,19 +274,42 @@ pub fn run(scratch: &Path, steps: u64, rounds: usize, models: &[BenchModel], con
             Ok(ips)
         };
         match (&python, optimizer) {
+            (Some(python), "adam") if bench_model == BenchModel::BabyGpt => {
+                // Each round also times the layer shapes' products, ours right before our step
+                // and PyTorch's in its step's process: whether a gap is the products' or the rest's.
+                let (mut our_products, mut their_products) = (Vec::new(), Vec::new());
+                let ours_and_products = || {
+                    our_products.push(matmul_gflops(10)?);
+                    ours()
+                };
+                let theirs = || {
+                    let [tokens, products] = pytorch_rates(
+                        python,
+                        scratch,
+                        PYTORCH_BABY_GPT,
+                        &["8", &steps_arg],
+                        ["tokens/s (adamw)", MATMUL_LINE],
+                        threads,
+                    )?;
+                    their_products.push(products);
+                    Ok(tokens)
+                };
+                let pairs = paired(rounds, ours_and_products, theirs)?;
+                print_versus(model_name, unit, &pairs);
+                let products: Vec<(f64, f64)> = our_products.into_iter().zip(their_products).collect();
+                print_products_versus(&products);
+            }
             (Some(python), "adam") => {
-                let theirs = || match model_name {
-                    "baby-gpt" => {
-                        pytorch_rate(python, scratch, PYTORCH_BABY_GPT, &["8", &steps_arg], "tokens/s (adamw)", threads)
-                    }
-                    m => pytorch_rate(
+                let theirs = || {
+                    let [images] = pytorch_rates(
                         python,
                         scratch,
                         PYTORCH_VISION,
-                        &[m, "128", &steps_arg],
-                        "images/s (adam)",
+                        &[model_name, "128", &steps_arg],
+                        ["images/s (adam)"],
                         threads,
-                    ),
+                    )?;
+                    Ok(images)
                 };
                 let pairs = paired(rounds, ours, theirs)?;
                 print_versus(model_name, unit, &pairs);
@@ -255,25 +322,20 @@ pub fn run(scratch: &Path, steps: u64, rounds: usize, models: &[BenchModel], con
         let baby = baby_gpt_task(scratch)?;
         for (name, opt) in [("adam", ADAM), ("mada", MADA)] {
             let spec = base(baby.clone(), opt, 8);
-            let (model, optim) = timed("baby-gpt", "tokens/s", name, &spec)?;
+            let (model, optim) = timed(BenchModel::BabyGpt, "tokens/s", name, &spec)?;
             println!("  batch 8 × 256 tokens: forward+backward {:.0} ms, optimizer (hyper-gradient, clip, decay, update) {:.1} ms", model * 1e3, optim * 1e3);
         }
     }
     let fashion = scratch.join("fashion-mnist-mini");
     crate::data::embedded::write_fashion_mnist_mini(&fashion)?;
-    for (model_name, model) in [
-        (BenchModel::Cnn, "cnn", VisionModelConfig::Cnn { c1: 32, c2: 64, hidden: 128, conv }),
-        (
-            BenchModel::Resnet,
-            "resnet",
-            VisionModelConfig::Resnet { blocks: vec![1, 1, 1], widths: vec![16, 32, 64], conv },
-        ),
+    for (bench_model, model) in [
+        (BenchModel::Cnn, VisionModelConfig::Cnn { c1: 32, c2: 64, hidden: 128, conv }),
+        (BenchModel::Resnet, VisionModelConfig::Resnet { blocks: vec![1, 1, 1], widths: vec![16, 32, 64], conv }),
     ]
     .into_iter()
-    .filter(|(m, ..)| wanted(*m))
-    .map(|(_, name, config)| (name, config))
+    .filter(|(m, _)| wanted(*m))
     {
-        println!("{model_name}: convolutions by {}", conv.name());
+        println!("{}: convolutions by {}", bench_model.name(), conv.name());
         for (name, opt) in [("adam", ADAM), ("mada", MADA)] {
             let task = Task::Vision {
                 data: VisionData::FashionMnist { dir: fashion.clone() },
@@ -282,7 +344,7 @@ pub fn run(scratch: &Path, steps: u64, rounds: usize, models: &[BenchModel], con
                 test_subset: 0,
             };
             let spec = base(task, opt, 128);
-            let (m, o) = timed(model_name, "images/s", name, &spec)?;
+            let (m, o) = timed(bench_model, "images/s", name, &spec)?;
             println!("  batch 128: forward+backward {:.0} ms, optimizer {:.1} ms", m * 1e3, o * 1e3);
         }
     }
@@ -390,5 +452,22 @@ mod tests {
         paired(2, || step('o'), || step('t')).unwrap();
         assert_eq!(order.into_inner(), "otot");
         assert_eq!(median_of(vec![3.0, 1.0, 2.0, 10.0]), 3.0);
+    }
+
+    #[test]
+    fn the_pytorch_scripts_numbers_are_read_by_their_keys() {
+        // The baby-GPT script's last two lines, as it prints them.
+        let out = "matmul GFLOP/s (baby-gpt layer shapes): 131\n\
+                   pytorch 2.15.0 threads=2 batch=8: baby-gpt tokens/s (adamw): 1389\n";
+        assert_eq!(number_after(out, MATMUL_LINE), Some(131.0));
+        assert_eq!(number_after(out, "tokens/s (adamw)"), Some(1389.0));
+        assert_eq!(number_after(out, "images/s (adam)"), None);
+        // A key whose line has no number after it is not read as one.
+        assert_eq!(number_after("tokens/s (adamw): n/a\n", "tokens/s (adamw)"), None);
+        // The embedded scripts print the keys the benchmark reads.
+        for key in [MATMUL_LINE, "tokens/s (adamw)"] {
+            assert!(PYTORCH_BABY_GPT.contains(&format!("{key}: {{")), "{key}");
+        }
+        assert!(PYTORCH_VISION.contains("images/s (adam): {"));
     }
 }
