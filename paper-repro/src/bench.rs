@@ -8,8 +8,10 @@
 //! ratios, each pair's ratio on the line below it). Each baby-GPT round also times the layer
 //! shapes' matrix products, ours and PyTorch's (`matmul GFLOP/s ours/pytorch (baby-gpt layer
 //! shapes): R`), so a run shows whether the step's gap is the products' (which of the two
-//! libraries' GEMM is faster depends on the host's instruction set) or the rest's. The PyTorch
-//! scripts are `paper-repro/bench/*.py`, embedded in the binary.
+//! libraries' GEMM is faster depends on the host's instruction set) or the rest's. Below each
+//! model's line, the median update's forward and backward time is split by fused-operator family
+//! ([`OpTimes`]) and the rest. The PyTorch scripts are `paper-repro/bench/*.py`, embedded in the
+//! binary.
 
 use std::path::Path;
 
@@ -18,6 +20,7 @@ use anyhow::{bail, Context, Result};
 use crate::data::text::{prepare, Tokenizer};
 use crate::data::vision::VisionData;
 use crate::models::gpt::GptConfig;
+use crate::models::ops::timing::OpTimes;
 use crate::models::ops::ConvAlgorithm;
 use crate::models::vision::VisionModelConfig;
 use crate::run::spec::{ClipMode, DeviceKind, Precision, RunSpec, Schedule, Task, TextData};
@@ -74,6 +77,8 @@ struct Sample {
     optimizer_s: f64,
     collective_s: f64,
     update_s: f64,
+    /// The fused operators' forward and backward time in this update.
+    ops: OpTimes,
 }
 
 /// `steps` timed updates of `tr`, after one warm-up update.
@@ -81,10 +86,12 @@ fn samples(tr: &mut Trainer, steps: u64) -> Result<Vec<Sample>> {
     tr.step(0)?;
     (1..=steps)
         .map(|s| {
+            let ops_before = OpTimes::now();
             let t = std::time::Instant::now();
             let out = tr.step(s)?;
             let update_s = t.elapsed().as_secs_f64();
             Ok(Sample {
+                ops: OpTimes::now().since(&ops_before, 1.0),
                 items_per_s: out.items as f64 / update_s,
                 model_s: out.model_s,
                 optimizer_s: out.optimizer_s,
@@ -100,13 +107,21 @@ fn median(samples: &[Sample], of: impl Fn(&Sample) -> f64) -> f64 {
     median_of(samples.iter().map(of).collect())
 }
 
-/// The update of median items/s over `steps` updates (after one warm-up update): its items/s,
-/// model and optimizer time.
-fn measure(spec: &RunSpec, steps: u64) -> Result<(f64, f64, f64)> {
+/// The update of median items/s over `steps` updates (after one warm-up update).
+fn measure(spec: &RunSpec, steps: u64) -> Result<Sample> {
     let mut s = samples(&mut Trainer::new(spec)?, steps)?;
     s.sort_by(|a, b| a.items_per_s.total_cmp(&b.items_per_s));
-    let m = &s[s.len() / 2];
-    Ok((m.items_per_s, m.model_s, m.optimizer_s))
+    Ok(s.swap_remove(s.len() / 2))
+}
+
+/// Where one update's forward and backward time went: the fused operators' families
+/// (forward/backward) and the rest (candle's own operators and the backward's bookkeeping).
+fn print_breakdown(update: &Sample) {
+    println!(
+        "  of which fused operators, forward/backward ms: {}; the rest {:.1} ms",
+        update.ops.describe(),
+        (update.model_s - update.ops.total()) * 1e3
+    );
 }
 
 /// nanoGPT shakespeare_char's baby GPT (no dropout) on Macbeth, character-level, prepared into
@@ -265,12 +280,13 @@ pub fn run(scratch: &Path, steps: u64, rounds: usize, models: &[BenchModel], con
     let steps_arg = steps.max(3).to_string();
     // One optimizer's line for one model: ours alone, or, for Adam with torch found, paired with
     // PyTorch's in rounds.
-    let timed = |bench_model: BenchModel, unit: &str, optimizer: &str, spec: &RunSpec| -> Result<(f64, f64)> {
+    let timed = |bench_model: BenchModel, unit: &str, optimizer: &str, spec: &RunSpec| -> Result<Sample> {
         let model_name = bench_model.name();
-        let mut detail = (0.0, 0.0);
+        let mut detail = None;
         let mut ours = || {
-            let (ips, model, optim) = measure(spec, steps)?;
-            detail = (model, optim);
+            let update = measure(spec, steps)?;
+            let ips = update.items_per_s;
+            detail = Some(update);
             Ok(ips)
         };
         match (&python, optimizer) {
@@ -316,14 +332,15 @@ pub fn run(scratch: &Path, steps: u64, rounds: usize, models: &[BenchModel], con
             }
             _ => println!("{model_name} {unit} ({optimizer}): {:.0}", ours()?),
         }
-        Ok(detail)
+        detail.context("no update was timed")
     };
     if wanted(BenchModel::BabyGpt) {
         let baby = baby_gpt_task(scratch)?;
         for (name, opt) in [("adam", ADAM), ("mada", MADA)] {
             let spec = base(baby.clone(), opt, 8);
-            let (model, optim) = timed(BenchModel::BabyGpt, "tokens/s", name, &spec)?;
-            println!("  batch 8 × 256 tokens: forward+backward {:.0} ms, optimizer (hyper-gradient, clip, decay, update) {:.1} ms", model * 1e3, optim * 1e3);
+            let update = timed(BenchModel::BabyGpt, "tokens/s", name, &spec)?;
+            println!("  batch 8 × 256 tokens: forward+backward {:.0} ms, optimizer (hyper-gradient, clip, decay, update) {:.1} ms", update.model_s * 1e3, update.optimizer_s * 1e3);
+            print_breakdown(&update);
         }
     }
     let fashion = scratch.join("fashion-mnist-mini");
@@ -344,8 +361,13 @@ pub fn run(scratch: &Path, steps: u64, rounds: usize, models: &[BenchModel], con
                 test_subset: 0,
             };
             let spec = base(task, opt, 128);
-            let (m, o) = timed(bench_model, "images/s", name, &spec)?;
-            println!("  batch 128: forward+backward {:.0} ms, optimizer {:.1} ms", m * 1e3, o * 1e3);
+            let update = timed(bench_model, "images/s", name, &spec)?;
+            println!(
+                "  batch 128: forward+backward {:.0} ms, optimizer {:.1} ms",
+                update.model_s * 1e3,
+                update.optimizer_s * 1e3
+            );
+            print_breakdown(&update);
         }
     }
     Ok(())

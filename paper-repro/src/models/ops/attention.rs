@@ -7,6 +7,7 @@ use rayon::prelude::*;
 
 use super::gemm::gemm_strided;
 use super::softmax::{causal_softmax, causal_softmax_rows};
+use super::timing::{timer, OpFamily, Pass};
 use super::{f32_slice, on_fused_path, Result, ROW_GROUP};
 
 /// Rows of the attention matrix per block: a block of rows i ∈ [r, r + 64) only needs columns
@@ -65,6 +66,7 @@ impl CustomOp1 for CausalAttention {
     }
 
     fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _timer = timer(OpFamily::Attention, Pass::Forward);
         let qkv = f32_slice(st, l)?;
         let (b, t, c, hs) = self.dims(l)?;
         let mut out = vec![0f32; b * t * c];
@@ -91,6 +93,7 @@ impl CustomOp1 for CausalAttention {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let _timer = timer(OpFamily::Attention, Pass::Backward);
         let backward = CausalAttentionBackward { forward: CausalAttention { heads: self.heads, block: self.block } };
         Ok(Some(arg.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &backward)?))
     }

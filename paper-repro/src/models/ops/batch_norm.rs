@@ -16,6 +16,7 @@ use mada::simd_kernel;
 
 use super::channel_bias::chained_channel_sums;
 use super::relu::{relu, relu_gradient, relu_value};
+use super::timing::{timer, OpFamily, Pass};
 use super::{f32_slice, on_fused_path, par_collect, Result};
 
 const BN_EPS: f32 = 1e-5;
@@ -208,6 +209,7 @@ impl CustomOp3 for BatchNormOp {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _timer = timer(OpFamily::BatchNorm, Pass::Forward);
         let (x, gamma, beta) = (f32_slice(xs, xl)?, f32_slice(gs, gl)?, f32_slice(bs, bl)?);
         let &[n, c, h, w] = xl.dims() else { candle_core::bail!("batch-norm expects NCHW, got {:?}", xl.dims()) };
         if gamma.len() != c || beta.len() != c {
@@ -233,6 +235,7 @@ impl CustomOp3 for BatchNormOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _timer = timer(OpFamily::BatchNorm, Pass::Backward);
         let stats = self.moments.lock().expect("moments").as_deref().map(channel_stats);
         let op = BatchNormBackward {
             gamma: gamma.contiguous()?,

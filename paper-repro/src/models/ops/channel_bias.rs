@@ -14,6 +14,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::timing::{timer, OpFamily, Pass};
 use super::{f32_slice, on_fused_path, par_collect, Result};
 
 /// (images, channels, positions per plane) of an NCHW tensor with a (C) bias.
@@ -33,6 +34,7 @@ impl CustomOp2 for ChannelBias {
     }
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, bs: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _timer = timer(OpFamily::ChannelBias, Pass::Forward);
         let (x, b) = (f32_slice(xs, xl)?, f32_slice(bs, bl)?);
         let (_, c, plane) = dims(xl, b.len())?;
         // One plane per chunk: its values are x + that channel's bias.
@@ -44,6 +46,7 @@ impl CustomOp2 for ChannelBias {
     }
 
     fn bwd(&self, _x: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _timer = timer(OpFamily::ChannelBias, Pass::Backward);
         Ok((Some(grad.clone()), Some(channel_sum(&grad.contiguous()?, b.elem_count())?)))
     }
 }

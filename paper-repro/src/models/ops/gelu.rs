@@ -6,6 +6,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use mada::simd_kernel;
 
 use super::softmax::exp_nonpositive;
+use super::timing::{timer, OpFamily, Pass};
 use super::{f32_slice, on_fused_path, par_fill, Result};
 
 struct Gelu;
@@ -29,6 +30,7 @@ impl CustomOp1 for Gelu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _timer = timer(OpFamily::Gelu, Pass::Forward);
         let x = f32_slice(s, l)?;
         // SAFETY: the kernel writes its chunk's first n elements and returns n.
         let out = unsafe { par_fill(x.len(), CHUNK, |i, o| gelu_chunk(&x[i * CHUNK..], o)) }?;
@@ -36,6 +38,7 @@ impl CustomOp1 for Gelu {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let _timer = timer(OpFamily::Gelu, Pass::Backward);
         Ok(Some(arg.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &GeluBackward)?))
     }
 }

@@ -5,6 +5,7 @@ use std::mem::MaybeUninit;
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor, D};
 
+use super::timing::{timer, OpFamily, Pass};
 use super::{f32_slice, on_fused_path, par_fill, par_fill_chunks, Result, ROWS_PER_TASK, ROW_GROUP};
 
 const LN_EPS: f32 = 1e-5;
@@ -91,6 +92,7 @@ impl CustomOp2 for LayerNormOp {
     }
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _timer = timer(OpFamily::LayerNorm, Pass::Forward);
         let (x, w) = (f32_slice(xs, xl)?, f32_slice(ws, wl)?);
         let c = w.len();
         if xl.dims().last() != Some(&c) {
@@ -103,6 +105,7 @@ impl CustomOp2 for LayerNormOp {
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _timer = timer(OpFamily::LayerNorm, Pass::Backward);
         let packed =
             x.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &LayerNormBackward { w: w.contiguous()? })?;
         let (n, c) = (x.elem_count(), w.elem_count());

@@ -10,6 +10,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
+use super::timing::{timer, OpFamily, Pass};
 use super::{on_fused_path, Result};
 
 /// y (rows, out) = x (rows, in) · Wᵀ.
@@ -21,6 +22,7 @@ impl CustomOp2 for LinearOp {
     }
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _timer = timer(OpFamily::Linear, Pass::Forward);
         let (&[m, k], &[n, kw]) = (xl.dims(), wl.dims()) else {
             candle_core::bail!("linear: input {:?} and weight {:?} must be matrices", xl.dims(), wl.dims())
         };
@@ -33,6 +35,7 @@ impl CustomOp2 for LinearOp {
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _timer = timer(OpFamily::Linear, Pass::Backward);
         let dx = grad.matmul(w)?;
         let dw = grad.t()?.matmul(x)?;
         Ok((Some(dx), Some(dw)))

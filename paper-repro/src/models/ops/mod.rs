@@ -13,7 +13,8 @@
 //! back to the composed candle operations.
 //!
 //! One kernel family per file, each checked by its tests against the composed candle operations
-//! (and, for the convolution and the pooling, against central finite differences).
+//! (and, for the convolution and the pooling, against central finite differences). Each
+//! family's forward and backward wall time is summed in [`timing`].
 
 mod attention;
 mod batch_norm;
@@ -26,6 +27,7 @@ mod linear;
 mod pool;
 mod relu;
 mod softmax;
+pub mod timing;
 
 pub use attention::{causal_mask, causal_self_attention, composed_causal_self_attention};
 pub use batch_norm::{batch_norm_train, Activation};

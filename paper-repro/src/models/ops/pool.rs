@@ -19,6 +19,7 @@ use std::sync::OnceLock;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::timing::{timer, OpFamily, Pass};
 use super::{f32_slice, on_fused_path, Result};
 
 fn plane_dims(l: &Layout) -> Result<(usize, usize, usize)> {
@@ -85,6 +86,7 @@ impl CustomOp1 for MaxPool2x2 {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _timer = timer(OpFamily::Pool, Pass::Forward);
         let x = f32_slice(s, l)?;
         let (planes, h, w) = plane_dims(l)?;
         let (out, winners) = pool(x, planes, h, w);
@@ -95,6 +97,7 @@ impl CustomOp1 for MaxPool2x2 {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let _timer = timer(OpFamily::Pool, Pass::Backward);
         let op = MaxPool2x2Backward { winners: self.winners.get().map(Vec::as_slice) };
         Ok(Some(x.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &op)?))
     }

@@ -8,8 +8,10 @@
 //! shows at exact zeros), a NaN input passes no gradient, and a negative gradient times 0 keeps
 //! its −0, as candle's product does.
 
-use super::{f32_slice, on_fused_path, par_collect, Result};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+
+use super::timing::{timer, OpFamily, Pass};
+use super::{f32_slice, on_fused_path, par_collect, Result};
 
 /// max(v, 0) as candle's ReLU computes it (`f32::max`: a NaN gives 0).
 #[inline(always)]
@@ -35,12 +37,14 @@ impl CustomOp1 for Relu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _timer = timer(OpFamily::Relu, Pass::Forward);
         let x = f32_slice(s, l)?;
         let out = par_collect(x.len(), CHUNK, |i| x[i * CHUNK..].iter().take(CHUNK).map(|&v| relu_value(v)))?;
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let _timer = timer(OpFamily::Relu, Pass::Backward);
         Ok(Some(arg.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &ReluBackward)?))
     }
 }

@@ -5,6 +5,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, D};
 use mada::simd_kernel;
 use rayon::prelude::*;
 
+use super::timing::{timer, OpFamily, Pass};
 use super::{f32_slice, on_fused_path, Result, ROWS_PER_TASK, ROW_GROUP};
 
 /// softmax(scale·x + causal mask) over the last axis of x (…, T, T): row i keeps columns j ≤ i.
@@ -18,6 +19,7 @@ impl CustomOp1 for CausalSoftmax {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _timer = timer(OpFamily::Softmax, Pass::Forward);
         let x = f32_slice(s, l)?;
         let dims = l.dims();
         let t = dims[dims.len() - 1];
@@ -38,6 +40,7 @@ impl CustomOp1 for CausalSoftmax {
     }
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let _timer = timer(OpFamily::Softmax, Pass::Backward);
         Ok(Some(res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBackward { scale: self.scale })?))
     }
 }

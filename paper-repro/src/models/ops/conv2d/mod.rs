@@ -12,6 +12,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::channel_bias::channel_sum;
+use super::timing::{timer, OpFamily, Pass};
 use super::{f32_slice, on_fused_path, Result};
 
 /// How the CPU convolution forms its sums. The two give the same convolution up to the order of
@@ -180,6 +181,7 @@ impl CustomOp2 for Conv2dOp {
     }
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _timer = timer(OpFamily::Conv, Pass::Forward);
         let (x, w) = (f32_slice(xs, xl)?, f32_slice(ws, wl)?);
         let g = ConvShape::new(xl.dims(), wl.dims(), self.stride, self.pad)?;
         let out = forward(&g, x, w, None, self.algorithm);
@@ -187,6 +189,7 @@ impl CustomOp2 for Conv2dOp {
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _timer = timer(OpFamily::Conv, Pass::Backward);
         let (dx, dw) = gradients(x, w, grad, self.stride, self.pad, self.algorithm)?;
         Ok((dx, Some(dw)))
     }
@@ -209,6 +212,7 @@ impl CustomOp3 for Conv2dOp {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _timer = timer(OpFamily::Conv, Pass::Forward);
         let (x, w, b) = (f32_slice(xs, xl)?, f32_slice(ws, wl)?, f32_slice(bs, bl)?);
         let g = ConvShape::new(xl.dims(), wl.dims(), self.stride, self.pad)?;
         if b.len() != g.o {
@@ -226,6 +230,7 @@ impl CustomOp3 for Conv2dOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _timer = timer(OpFamily::Conv, Pass::Backward);
         let (dx, dw) = gradients(x, w, grad, self.stride, self.pad, self.algorithm)?;
         Ok((dx, Some(dw), Some(channel_sum(&grad.contiguous()?, b.elem_count())?)))
     }
