@@ -249,6 +249,11 @@ fn print_versus(model_name: &str, unit: &str, pairs: &[(f64, f64)]) {
     println!("{model_name} {unit} (adam): {:.0}", median_of(pairs.iter().map(|p| p.0).collect()));
     println!("{model_name} pytorch: {:.0}", median_of(pairs.iter().map(|p| p.1).collect()));
     println!("{model_name} ours/pytorch: {:.2}", median_of(pairs.iter().map(|p| p.0 / p.1).collect()));
+    print_rounds(pairs);
+}
+
+/// The rounds' own ratios, on the line below a median of them.
+fn print_rounds(pairs: &[(f64, f64)]) {
     let each: Vec<String> = pairs.iter().map(|p| format!("{:.2}", p.0 / p.1)).collect();
     println!("  {} rounds, ours then pytorch: ratios {}", pairs.len(), each.join(", "));
 }
@@ -261,8 +266,7 @@ fn print_products_versus(pairs: &[(f64, f64)]) {
         "matmul GFLOP/s ours/pytorch (baby-gpt layer shapes): {:.2}",
         median_of(pairs.iter().map(|p| p.0 / p.1).collect())
     );
-    let each: Vec<String> = pairs.iter().map(|p| format!("{:.2}", p.0 / p.1)).collect();
-    println!("  {} rounds, ours then pytorch: ratios {}", pairs.len(), each.join(", "));
+    print_rounds(pairs);
 }
 
 /// Run the benchmark of the `models` (all three when empty); `scratch` is a folder for the

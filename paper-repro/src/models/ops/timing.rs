@@ -148,6 +148,10 @@ mod tests {
 
     #[test]
     fn differences_per_count_totals_and_the_description() {
+        // The slots and the snapshots index families by their discriminant.
+        for (i, &f) in OpFamily::ALL.iter().enumerate() {
+            assert_eq!(f as usize, i, "{f:?}");
+        }
         let at = |conv: (f64, f64), relu: (f64, f64)| {
             OpTimes(
                 OpFamily::ALL
