@@ -355,14 +355,14 @@ fn backward<const RELU: bool>(x: &[f32], dy: &[f32], (n, c, hw): (usize, usize, 
     dx.par_chunks_mut(hw.max(1)).enumerate().for_each(|(plane, dst)| {
         let ch = plane % c;
         let (mean, rstd) = p.stats[ch];
-        let pre = p.normalization(ch);
+        // γ·rstd is the normalization's own scale (rstd·γ: the same bits).
+        let pre @ (_, scale, _) = p.normalization(ch);
         let (mdy, mdyx) = ((sums[ch].0 / m) as f32, (sums[ch].1 / m) as f32);
-        let k = p.gamma[ch] * rstd;
         let base = plane * hw;
         for ((d, &xv), &g) in dst.iter_mut().zip(&x[base..base + hw]).zip(&dy[base..base + hw]) {
             let g = gated::<RELU>(g, xv, pre);
             let xhat = (xv - mean) * rstd;
-            d.write(k * (g - mdy - xhat * mdyx));
+            d.write(scale * (g - mdy - xhat * mdyx));
         }
     });
     let (dgamma, dbeta_out) = dgamma.split_at_mut(c);
