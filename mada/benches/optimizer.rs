@@ -68,6 +68,9 @@ const HYPER_BYTES_PER_PARAM: usize = 33;
 /// Triad passes per round: 6 × 16 bytes per element ≈ the step's 102.
 const TRIAD_PASSES: usize = 6;
 
+/// Bytes per element one triad pass moves: 3 f32 reads and 1 f32 write.
+const TRIAD_BYTES_PER_ELEMENT: usize = 16;
+
 /// A pass with the MADA step's memory streams and next to no arithmetic: the hyper-gradient
 /// pass's reads (8 f32 buffers and the sign bytes), then the update's 8 reads and 9 writes (and
 /// the sign bytes). Many concurrent streams run slower than the 4 of the triad yardstick; this
@@ -207,7 +210,7 @@ fn main() {
         let t_hyper = median_seconds(reps, || {
             black_box(mada.hypergradient_of_tensor(0, &g).unwrap());
         });
-        let gbps = (4 * 4 * n) as f64 / t_triad / 1e9;
+        let gbps = (TRIAD_BYTES_PER_ELEMENT * n) as f64 / t_triad / 1e9;
         println!("adam step ({label} f32): {:.3} ms", t_adam * 1e3);
         println!("mada step, all coefficients learned ({label} f32): {:.3} ms", t_mada * 1e3);
         println!("  of which the hyper-gradient pass: {:.3} ms", t_hyper * 1e3);
@@ -219,15 +222,16 @@ fn main() {
             "    its arithmetic alone ({}K in L2 on one thread, scaled to {threads}): {:.3} ms; its {HYPER_BYTES_PER_PARAM} bytes/parameter at the yardstick: {:.3} ms",
             IN_CACHE_LEN >> 10,
             t_arithmetic / threads as f64 * 1e3,
-            t_triad * HYPER_BYTES_PER_PARAM as f64 / 16.0 * 1e3
+            t_triad * HYPER_BYTES_PER_PARAM as f64 / TRIAD_BYTES_PER_ELEMENT as f64 * 1e3
         );
         println!("mada step, frozen ({label} f32): {:.3} ms", t_frozen * 1e3);
         println!("memory yardstick, 3 reads + 1 write ({label} f32): {:.3} ms = {gbps:.1} GB/s", t_triad * 1e3);
         println!("mada/adam step ratio ({label} f32): {:.2}", median_ratio(&mada_s, &adam_s, 1.0));
         println!("mada-frozen/adam step ratio ({label} f32): {:.2}", median_ratio(&frozen_s, &adam_s, 1.0));
         // The floor: the bytes the step must move at the yardstick's bandwidth, i.e. the triads'
-        // time scaled from their 16·TRIAD_PASSES bytes per element to the step's.
-        let floor_scale = (16 * TRIAD_PASSES) as f64 / MADA_BYTES_PER_PARAM as f64;
+        // time scaled from their TRIAD_BYTES_PER_ELEMENT·TRIAD_PASSES bytes per element to the
+        // step's.
+        let floor_scale = (TRIAD_BYTES_PER_ELEMENT * TRIAD_PASSES) as f64 / MADA_BYTES_PER_PARAM as f64;
         println!(
             "mada step memory-traffic floor ({label} f32, {MADA_BYTES_PER_PARAM} bytes/parameter): {:.3} ms",
             t_triads / floor_scale * 1e3
